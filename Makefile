@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # ninja (from the venv) must be on PATH for torch.utils.cpp_extension.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h)
+SOURCES := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 
 .PHONY: run test setup build lint bench clean
 
@@ -17,13 +17,15 @@ test: build lint
 
 setup: $(VENV)/.installed
 
-# torch first and alone (the local CPU wheel); everything else pinned, under constraints.txt.
-# timm (a benchmark peer) without its dependencies: it wants torchvision, which has no CPU wheel here.
+# Every exact version is in requirements.txt or constraints.txt; the package's ranges are in pyproject.toml.
+# torch first and alone (the local CPU wheel, at its constraints.txt pin); everything else pinned, under
+# constraints.txt. timm (a benchmark peer) without its dependencies: it wants torchvision, which has no CPU
+# wheel here.
 $(VENV)/.installed: requirements.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt torch
 	$(BIN)/pip install -q -r requirements.txt -c constraints.txt
-	$(BIN)/pip install -q --no-deps timm==1.0.31
+	$(BIN)/pip install -q --no-deps -c constraints.txt timm
 	touch $@
 
 build: $(VENV)/.built

@@ -1,11 +1,12 @@
 """Builds dynbatch_kernels._C, the CPU kernels, from csrc/ (torch.utils.cpp_extension + ninja).
 
-Install with ``pip install --no-build-isolation -e .`` into an environment that already has torch.
+Everything else about the package is in pyproject.toml. Install with ``pip install --no-build-isolation -e .``
+into an environment that already has torch.
 """
 
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 try:
     from torch.utils.cpp_extension import BuildExtension, CppExtension
@@ -19,13 +20,6 @@ ROOT = Path(__file__).parent
 SOURCES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
 
 setup(
-    name="dynbatch_kernels",
-    version="0.1.0",
-    description="Fused Triton and C++ kernels for adaptive large-batch training",
-    packages=find_packages(include=["dynbatch_kernels", "dynbatch_kernels.*"]),
-    python_requires=">=3.10",
-    install_requires=["torch>=2.11", "numpy"],
-    extras_require={"triton": ["triton>=3.6"]},
     ext_modules=[
         CppExtension(
             "dynbatch_kernels._C",

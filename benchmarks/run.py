@@ -13,7 +13,7 @@ import torch
 
 from benchmarks.common import default_out_dir, device_name, finish, memory_bandwidth, print_table, write
 
-BENCHES = ["accumulate", "extrap", "lamb"]
+BENCHES = ["accumulate", "extrap", "lamb", "host_overhead"]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,11 +1,12 @@
 // accumulate_: acc += scale * grad in one pass, with per-segment sums
 //   [acc_old . s*g, |s*g|^2, |acc_old|^2, |acc_new|^2], and grad optionally zeroed in the same pass.
 #include "chunks.h"
+#include "columns.h"
 
 namespace dynbatch {
 namespace {
 
-constexpr int64_t kSums = 4;
+using namespace columns::acc;  // kDot, kGradSq, kOldSq, kNewSq, kNumSums
 
 // One chunk [start, end): the update and its four partial sums.
 template <typename grad_t, bool kZeroGrad>
@@ -24,10 +25,10 @@ DYNBATCH_VECTORIZED void accumulate_chunk(float* __restrict acc, grad_t* __restr
     aa += a * a;
     nn += n * n;
   }
-  out[0] = dot;
-  out[1] = gg;
-  out[2] = aa;
-  out[3] = nn;
+  out[kDot] = dot;
+  out[kGradSq] = gg;
+  out[kOldSq] = aa;
+  out[kNewSq] = nn;
 }
 
 template <typename grad_t, bool kZeroGrad>
@@ -35,7 +36,7 @@ void accumulate_chunks(float* acc, grad_t* grad, const int64_t* starts, const in
                        float* partials, int64_t num_chunks, float scale) {
   at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
-      accumulate_chunk<grad_t, kZeroGrad>(acc, grad, starts[c], ends[c], scale, partials + c * kSums);
+      accumulate_chunk<grad_t, kZeroGrad>(acc, grad, starts[c], ends[c], scale, partials + c * kNumSums);
     }
   });
 }
@@ -47,7 +48,7 @@ at::Tensor accumulate_cpu(at::Tensor acc, at::Tensor grad, const at::Tensor& chu
   TORCH_CHECK(grad.is_contiguous() && grad.numel() == acc.numel(), "grad must be contiguous, as long as acc");
   check_chunk_table(chunk_starts, chunk_ends, segment_chunks);
   const int64_t num_chunks = chunk_starts.numel();
-  auto partials = at::empty({num_chunks, kSums}, acc.options());
+  auto partials = at::empty({num_chunks, kNumSums}, acc.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "accumulate_", [&] {
     auto* run = zero_grad ? accumulate_chunks<scalar_t, true> : accumulate_chunks<scalar_t, false>;
     run(acc.data_ptr<float>(), grad.data_ptr<scalar_t>(), chunk_starts.data_ptr<int64_t>(),

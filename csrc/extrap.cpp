@@ -1,19 +1,18 @@
-// extrapolate_ and extrap_step_: the two fused passes of extrapolated SGD (math in dynbatch_kernels/ops.py).
+// extrapolate_ and extrap_step_: the two fused passes of extrapolated SGD (dynbatch_kernels/ops/extrap.py).
 //   extrapolate_:  saved <- w;  w <- w - gamma (d + lam w);  d <- 0 (optional)
 //   extrap_step_:  from w = saved:  g' = g + lam w;  m <- mu m + g';
 //                  w' = w - eta (g' + mu m) (Nesterov) or w - eta m (heavy ball);  params <- w'
 //                  then optionally extrapolate_ from w' along g:
 //                  saved <- w';  params <- w' - gamma (g + lam w')
-// Hyper-parameters are per segment: chunk c reads row chunk_segments[c] of the [S, 6] float32 table; a
-// segment whose active column is 0 is left untouched.
+// Hyper-parameters are per segment: chunk c reads row chunk_segments[c] of the [S, kNumHyper] float32
+// table (columns.h); a segment whose active column is 0 is left untouched.
 #include "chunks.h"
+#include "columns.h"
 
 namespace dynbatch {
 namespace {
 
-// Columns of the hyper table: EXTRAP_* in dynbatch_kernels/ops.py.
-constexpr int64_t kLr = 0, kGamma = 1, kMomentum = 2, kWeightDecay = 3, kNesterov = 4, kActive = 5;
-constexpr int64_t kHyper = 6;
+using namespace columns::extrap;  // kLr ... kActive, kNumHyper
 
 template <typename param_t, typename grad_t, bool kZeroDirection>
 DYNBATCH_VECTORIZED void extrapolate_chunk(param_t* __restrict params, param_t* __restrict saved,
@@ -83,8 +82,8 @@ void check_buffers(const at::Tensor& params, const at::Tensor& saved, const at::
   TORCH_CHECK(saved.numel() == params.numel() && grad.numel() == params.numel(),
               "saved and the gradient must be as long as params");
   TORCH_CHECK(hyper.scalar_type() == at::kFloat && hyper.is_contiguous() && hyper.dim() == 2 &&
-                  hyper.size(1) == kHyper,
-              "hyper must be a contiguous float32 [S, 6] table");
+                  hyper.size(1) == kNumHyper,
+              "hyper must be a contiguous float32 [S, ", kNumHyper, "] table");
   for (const auto* t : {&chunk_starts, &chunk_ends, &chunk_segments}) {
     TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 1 && t->is_contiguous() && t->is_cpu(),
                 "chunk tables must be contiguous 1-D int64 CPU tensors");
@@ -111,7 +110,7 @@ void extrapolate_cpu(at::Tensor params, at::Tensor saved, at::Tensor direction, 
     grad_t* d = direction.data_ptr<grad_t>();
     at::parallel_for(0, chunk_starts.numel(), 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        const float* row = h + segments[c] * kHyper;
+        const float* row = h + segments[c] * kNumHyper;
         if (row[kActive] != 0.f) run(p, s, d, starts[c], ends[c], row[kGamma], row[kWeightDecay]);
       }
     });
@@ -139,7 +138,7 @@ void extrap_step_cpu(at::Tensor params, at::Tensor saved, const at::Tensor& grad
     float* m = momentum.data_ptr<float>();
     at::parallel_for(0, chunk_starts.numel(), 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        const float* row = h + segments[c] * kHyper;
+        const float* row = h + segments[c] * kNumHyper;
         if (row[kActive] != 0.f) run(p, s, g, m, starts[c], ends[c], row);
       }
     });

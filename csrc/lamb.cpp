@@ -1,4 +1,4 @@
-// LAMB / LAMBC over one flat buffer (the math and byte counts: dynbatch_kernels/ops.py, lamb_step_).
+// LAMB / LAMBC over one flat buffer (the math and byte counts: dynbatch_kernels/ops/lamb.py).
 //   lamb_step_:       pass 1 (m, v, u; partial |w|^2 |u|^2 |g|^2 per chunk) -> per-segment trust ratios
 //                     -> pass 2 (w -= lr * r * u). Nothing is written when the step is skipped.
 //   segment_sq_norms: per-segment |s*x|^2 in one read (pass 0: the global gradient norm for clipping).
@@ -8,27 +8,13 @@
 #include <optional>
 
 #include "chunks.h"
+#include "columns.h"
 
 namespace dynbatch {
 namespace {
 
-// Columns of the per-segment hyper-parameter table, as ops.LAMB_*.
-enum Hyper : int64_t {
-  kLr,
-  kBeta1,
-  kBeta2,
-  kEps,
-  kWeightDecay,
-  kRatioMin,
-  kRatioMax,
-  kAdapt,
-  kBiasCorrection,
-  kMaxGradNorm,
-  kActive,
-  kNumHyper
-};
-// Columns of the returned per-segment statistics, as ops.LAMB_W_SQ ... LAMB_RATIO.
-enum Stat : int64_t { kWSq, kUSq, kGSq, kRatio, kNumStats };
+using namespace columns::lamb;        // hyper-parameter columns: kLr ... kActive, kNumHyper
+using namespace columns::lamb_stats;  // statistics columns: kWSq ... kRatio, kNumStats
 
 // float -> storage dtype, rounding to nearest even. c10's bfloat16 conversion branches on NaN, which keeps
 // a loop scalar; this select gives the same bits and vectorizes.

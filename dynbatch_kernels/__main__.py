@@ -1,7 +1,8 @@
 """The command line: ``python -m dynbatch_kernels train [options]`` (the main job).
 
 ``train`` trains the digits MLP under each chosen batch policy (default: angle, CABS, noise scale and the
-fixed baseline), with a progress bar, then prints a summary table and writes a plot.
+fixed baseline), with a progress bar, then prints a summary table and writes a plot. It needs the
+``demo`` extra (tqdm, matplotlib, scikit-learn) and says so when one is missing.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
+from dynbatch_kernels.extras import install_hint, missing
 from dynbatch_kernels.train import (
     LR_RULE_NAMES,
     OPTIMIZERS,
@@ -47,6 +48,8 @@ def _config(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_train(args: argparse.Namespace, base: TrainConfig) -> None:
+    from tqdm import tqdm  # the demo extra, checked by main()
+
     policies = POLICIES if args.policy == "all" else (args.policy,)
     runs = []
     for policy in policies:
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="the main job: digits MLP under each batch policy")
     p.add_argument("--policy", choices=("all", *POLICIES), default="all")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="lamb", help="lamb falls back to AdamW")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="lamb", help="lamb: FusedLAMB")
     p.add_argument("--lr-rule", choices=LR_RULE_NAMES, default="none")
     p.add_argument("--lr", type=float, default=None, help="lr at --lr-ref-batch (default: per optimizer)")
     p.add_argument("--lr-ref-batch", type=int, default=TrainConfig.lr_ref_batch, help="LR rules' reference")
@@ -95,6 +98,10 @@ def main(argv: list[str] | None = None) -> None:
             config = _config(args)
         except ValueError as err:
             p.error(str(err))
+        absent = missing("demo")
+        if absent:
+            needs = f"the main job needs {', '.join(absent)} (the demo extra)"
+            p.exit(1, f"{p.prog}: error: {needs}: `{install_hint('demo')}`\n")
         run_train(args, config)
 
 

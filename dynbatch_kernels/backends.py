@@ -1,9 +1,9 @@
 """Which implementation runs an op: Triton, the C++ extension, or the plain-PyTorch reference.
 
 ``DYNBATCH_BACKEND=auto|triton|cpp|reference`` forces one. ``auto`` picks Triton for CUDA tensors and
-the C++ extension for CPU tensors, falling back to the reference (with a one-time warning) when the
-extension was not built. Triton runs CPU tensors only under ``TRITON_INTERPRET=1``, which must be set
-before ``dynbatch_kernels`` is imported.
+the C++ extension for CPU tensors, falling back to the reference (with a one-time warning) when triton
+(the ``triton`` extra) is not installed or the extension was not built. Triton runs CPU tensors only under
+``TRITON_INTERPRET=1``, which must be set before ``dynbatch_kernels`` is imported.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from functools import cache
 from types import ModuleType
 
 import torch
+
+from dynbatch_kernels.extras import install_hint, missing
 
 BACKENDS = ("auto", "triton", "cpp", "reference")
 
@@ -37,11 +39,17 @@ def cpp_available() -> bool:
 
 @cache
 def triton_available() -> bool:
-    try:
-        importlib.import_module("triton")
-    except ImportError:
-        return False
-    return True
+    return not missing("triton")
+
+
+@cache
+def _warn_no_triton() -> None:
+    warnings.warn(
+        "triton is not installed; CUDA ops fall back to the slower PyTorch reference. Install it with "
+        f"`{install_hint('triton')}`.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def triton_interpreted() -> bool:
@@ -60,13 +68,17 @@ def backend_name(device: torch.device) -> str:
     name = requested_backend()
     if name == "auto":
         if device.type == "cuda":
-            return "triton"
+            if triton_available():
+                return "triton"
+            _warn_no_triton()
+            return "reference"
         return "cpp" if device.type == "cpu" and cpp_available() else "reference"
     if name == "cpp" and (device.type != "cpu" or not cpp_available()):
         raise RuntimeError(f"DYNBATCH_BACKEND=cpp needs CPU tensors and the built extension, got {device}")
     if name == "triton":
         if not triton_available():
-            raise RuntimeError("DYNBATCH_BACKEND=triton but triton is not installed")
+            hint = install_hint("triton")
+            raise RuntimeError(f"DYNBATCH_BACKEND=triton but triton is not installed: `{hint}`")
         if device.type == "cpu" and not triton_interpreted():
             raise RuntimeError("DYNBATCH_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1")
     return name

@@ -46,12 +46,35 @@ def check_same(name: str, tensor: torch.Tensor, like_name: str, like: torch.Tens
             raise ValueError(f"{name}: must not overlap {like_name} in memory")
 
 
+def check_disjoint(*named: tuple[str, torch.Tensor]) -> None:
+    """Every buffer has the first one's length and device, and no two overlap."""
+    for k, (name, tensor) in enumerate(named[1:], 1):
+        for like_name, like in named[:k]:
+            check_same(name, tensor, like_name, like)
+
+
+def check_device_scalar(name: str, tensor: object, like: torch.Tensor) -> None:
+    """None, or a one-element float32 tensor on ``like``'s device."""
+    if tensor is None:
+        return
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name}: expected a one-element float32 tensor or None, got {type(tensor).__name__}")
+    if tensor.dtype != torch.float32 or tensor.numel() != 1:
+        raise TypeError(
+            f"{name}: expected a one-element float32 tensor, got {tensor.numel()} elements of {tensor.dtype}"
+        )
+    if tensor.device != like.device:
+        raise ValueError(f"{name}: expected device {like.device}, got {tensor.device}")
+
+
 def chunk_table_for(offsets: torch.Tensor, buffer: torch.Tensor, chunks: ChunkTable | None) -> ChunkTable:
     """The chunk table for ``offsets`` over ``buffer``: the given one (checked cheaply) or a new one.
 
     Building a table reads ``offsets`` on the host (a graph break under ``torch.compile``, a device sync on
     CUDA); pass the layout's ``chunks`` to skip that per call.
     """
+    if not isinstance(offsets, torch.Tensor):
+        raise TypeError(f"offsets: expected an int64 tensor, got {type(offsets).__name__}")
     if chunks is None:
         chunks = ChunkTable.from_offsets(offsets, device=buffer.device)  # validates offsets
     elif not isinstance(chunks, ChunkTable):

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dynbatch_kernels.extras import import_extra
+
 NUM_FEATURES, NUM_CLASSES = 64, 10
 
 
@@ -35,9 +37,7 @@ def load_digits_split(val_fraction: float = 0.2, split_seed: int = 0) -> Dataset
     """The digits, split by a permutation fixed by ``split_seed`` and standardised by training statistics."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction: expected a value in (0, 1), got {val_fraction}")
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
+    digits = import_extra("sklearn.datasets", "demo").load_digits()
     x = torch.as_tensor(digits.data, dtype=torch.float32)
     y = torch.as_tensor(digits.target, dtype=torch.int64)
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(split_seed))

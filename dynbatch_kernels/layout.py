@@ -1,13 +1,18 @@
 """FlatLayout: a model's parameters and gradients as one contiguous flat buffer per (device, dtype).
 
-Every parameter's ``.data`` and ``.grad`` are rebound as views into its buffer, so ``loss.backward()``
-accumulates straight into the flat gradient buffer and one kernel launch covers the whole model. Each
-parameter is one segment; a segment starts on an ``align``-element boundary so every view stays
-vector-aligned, and the few padding elements after it are zero and stay zero under every op.
+With ``bind=True`` every parameter's ``.data`` and ``.grad`` are rebound as views into its buffer, so
+``loss.backward()`` accumulates straight into the flat gradient buffer and one kernel launch covers the
+whole model (the zero-copy fast path). With ``bind=False`` the buffers are private working copies and the
+user's tensors stay where they are. Either way correctness never depends on the views: the ``gather_*``
+methods copy in whatever is not (or no longer) a view (after ``model.zero_grad()``, ``p.data = ...``, DDP's
+bucket views) and :meth:`FlatBuffer.scatter_data` copies results back. Each parameter is one segment; a
+segment starts on an ``align``-element boundary so every view stays vector-aligned, and the few padding
+elements after it are zero and stay zero under every op.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -31,6 +36,12 @@ class FlatBuffer:
     names: list[str]
     params: list[torch.Tensor]
     bounds: list[tuple[int, int]] = field(repr=False)
+    #: The parameters' shapes when the buffer was built (their segments' views have these).
+    shapes: list[torch.Size] = field(init=False, repr=False)
+    _views: dict[int, list[torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.shapes = [p.shape for p in self.params]
 
     @property
     def offsets(self) -> torch.Tensor:
@@ -40,6 +51,106 @@ class FlatBuffer:
     @property
     def num_segments(self) -> int:
         return len(self.params)
+
+    def segment_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Every segment of ``flat`` (``data``, ``grad``, or a tensor laid out like them) in its parameter's
+        shape. Cached for ``data`` and the current ``grad`` only, so no other storage is kept alive."""
+        key = flat.data_ptr()
+        views = self._views.get(key)
+        if views is None:
+            with torch.enable_grad():  # views made in no_grad mode could not be written in grad mode
+                views = [flat[lo:hi].view(shape) for shape, (lo, hi) in zip(self.shapes, self.bounds)]
+        live = (self.data.data_ptr(), self.grad.data_ptr())
+        self._views = {k: v for k, v in self._views.items() if k in live}
+        if key in live:
+            self._views[key] = views
+        return views
+
+    def data_view(self, j: int) -> torch.Tensor:
+        """Segment ``j`` of ``data`` in its parameter's shape."""
+        return self.segment_views(self.data)[j]
+
+    def grad_view(self, j: int) -> torch.Tensor:
+        """Segment ``j`` of (the current) ``grad`` in its parameter's shape."""
+        return self.segment_views(self.grad)[j]
+
+    def data_is_view(self, j: int) -> bool:
+        """Whether parameter ``j`` is (still) the view of segment ``j`` of ``data``."""
+        return not self.outside(self.data, [self.params[j]], [j])
+
+    def grad_is_view(self, j: int) -> bool:
+        """Whether ``.grad`` of parameter ``j`` is the view of segment ``j`` of (the current) ``grad``."""
+        return not self.outside(self.grad, [self.params[j].grad], [j])
+
+    def outside(
+        self, flat: torch.Tensor, tensors: list[torch.Tensor | None], segments: Iterable[int] | None = None
+    ) -> list[int]:
+        """The segments (``segments``, default all) whose tensor in ``tensors`` is ``None`` or not the view of
+        its segment of ``flat`` (an empty tensor always counts as the view)."""
+        base, size, dtype = flat.data_ptr(), flat.element_size(), flat.dtype  # one address space, all devices
+        indices = range(self.num_segments) if segments is None else segments
+        bounds = self.bounds
+        return [
+            j
+            for j, t in zip(indices, tensors)
+            if t is None or not _is_view(t, base + bounds[j][0] * size, dtype)
+        ]
+
+    @torch.no_grad()
+    def gather_grads(self) -> list[bool]:
+        """Make ``grad`` hold every ``p.grad``; return which segments have one (``p.grad is not None``).
+
+        A ``p.grad`` that is the segment's view costs nothing; the other tensors are copied in (one read,
+        one write; one multi-tensor copy for all of them); the segment of a ``None`` gradient is zeroed so
+        no stale value reaches a kernel.
+        """
+        grads = [p.grad for p in self.params]
+        outside = self.outside(self.grad, grads)
+        if outside:
+            views = self.segment_views(self.grad)
+            copied = [j for j in outside if grads[j] is not None]
+            for j in copied:
+                if grads[j].shape != self.shapes[j]:
+                    got = tuple(grads[j].shape)
+                    raise ValueError(
+                        f"{self.names[j]}: expected .grad of shape {tuple(self.shapes[j])}, got {got}"
+                    )
+            _copy([views[j] for j in copied], [grads[j] for j in copied])
+            cleared = [views[j] for j in outside if grads[j] is None]
+            if cleared:
+                torch._foreach_zero_(cleared)
+        return [g is not None for g in grads]
+
+    @torch.no_grad()
+    def gather_data(self) -> None:
+        """Copy every parameter that is not its segment's view into ``data``."""
+        outside = self.outside(self.data, self.params)
+        if outside:
+            views = self.segment_views(self.data)
+            _copy([views[j] for j in outside], [self.params[j] for j in outside])
+
+    @torch.no_grad()
+    def scatter_data(self) -> None:
+        """Copy ``data`` back into every parameter that is not its segment's view."""
+        outside = self.outside(self.data, self.params)
+        if outside:
+            views = self.segment_views(self.data)
+            _copy([self.params[j] for j in outside], [views[j] for j in outside])
+
+    def bind_grads(self) -> None:
+        """Point every ``p.grad`` at its segment of ``grad`` (values are not copied)."""
+        for j in self.outside(self.grad, [p.grad for p in self.params]):
+            self.params[j].grad = self.grad_view(j)
+
+    def is_stale(self, j: int) -> bool:
+        """Whether parameter ``j`` no longer fits its segment: its device, dtype or shape changed
+        (``model.half()``, ``.to(...)``, ``p.data = other``)."""
+        p = self.params[j]
+        return p.device != self.device or p.dtype != self.dtype or p.shape != self.shapes[j]
+
+    def stale(self) -> str | None:
+        """The name of the first parameter that no longer fits its segment (see :meth:`is_stale`), or None."""
+        return next((self.names[j] for j in range(self.num_segments) if self.is_stale(j)), None)
 
 
 def named_params(params: ParamsLike) -> list[tuple[str, torch.Tensor]]:
@@ -60,30 +171,37 @@ def named_params(params: ParamsLike) -> list[tuple[str, torch.Tensor]]:
 
 
 class FlatLayout:
-    """Parameters -> one flat buffer per (device, dtype), with ``p.data``/``p.grad`` rebound as views.
+    """Parameters -> one flat buffer per (device, dtype), by default with ``p.data``/``p.grad`` rebound as
+    views into it.
 
     Args:
         params: tensors, ``model.named_parameters()`` or param groups (dicts with ``"params"``).
         align: segment starts are multiples of this many elements (1 packs them tightly).
         chunk_size: elements per kernel work item (see :mod:`dynbatch_kernels.chunks`).
+        bind: rebind ``p.data`` / ``p.grad`` as views into the buffers (``False``: private copies, the
+            user's tensors untouched).
 
-    Parameters that share storage, are sparse, are not floating point, or are not leaf tensors are
-    refused. After construction, gradients must stay the views the layout installed: zero them with
-    :meth:`zero_grad` (or ``set_to_none=False``), never set them to ``None``.
+    Parameters that share storage, are sparse, complex, DTensors (FSDP2), not floating point, or not leaf
+    tensors are refused. With ``bind=True``, keeping the gradients as the installed views
+    (``zero_grad(set_to_none=False)`` or :meth:`zero_grad`) avoids a copy per step; :meth:`check_grads`
+    says which one is not.
     """
 
-    def __init__(self, params: ParamsLike, *, align: int = 16, chunk_size: int = CHUNK_SIZE):
+    def __init__(
+        self, params: ParamsLike, *, align: int = 16, chunk_size: int = CHUNK_SIZE, bind: bool = True
+    ):
         if align <= 0:
             raise ValueError(f"align: expected a positive int, got {align}")
         pairs = named_params(params)
         if not pairs:
             raise ValueError("params: expected at least one parameter, got none")
-        _check_params(pairs)
+        check_params(pairs)
         groups: dict[tuple[torch.device, torch.dtype], list[tuple[str, torch.Tensor]]] = {}
         for name, p in pairs:
             groups.setdefault((p.device, p.dtype), []).append((name, p))
         self.buffers = [
-            _flatten(device, dtype, members, align, chunk_size) for (device, dtype), members in groups.items()
+            _flatten(device, dtype, members, align, chunk_size, bind)
+            for (device, dtype), members in groups.items()
         ]
         self._where = {id(p): (b, j) for b, buf in enumerate(self.buffers) for j, p in enumerate(buf.params)}
 
@@ -130,29 +248,56 @@ class FlatLayout:
             buf.grad.zero_()
 
     def check_grads(self) -> None:
-        """Raise if any ``p.grad`` is no longer the view into the flat buffer the layout installed."""
+        """Raise if any ``p.grad`` is not the view into the flat buffer (a diagnostic for the fast path:
+        the ops themselves copy such gradients in, see :meth:`FlatBuffer.gather_grads`)."""
         for buf in self.buffers:
-            for name, p, (lo, _) in zip(buf.names, buf.params, buf.bounds):
-                expected = buf.grad.data_ptr() + lo * buf.grad.element_size()
-                if p.grad is None or p.grad.data_ptr() != expected:
-                    state = "None" if p.grad is None else "a separate tensor"
-                    raise RuntimeError(
-                        f"{name}: expected .grad to be the layout's flat-buffer view, got {state}; "
-                        "zero gradients with zero_grad(set_to_none=False) or layout.zero_grad()"
-                    )
+            for j in buf.outside(buf.grad, [p.grad for p in buf.params])[:1]:
+                state = "None" if buf.params[j].grad is None else "a separate tensor"
+                raise RuntimeError(
+                    f"{buf.names[j]}: expected .grad to be the layout's flat-buffer view, got {state}"
+                )
+
+    def stale(self) -> str | None:
+        """The first parameter that no longer matches its segment (see :meth:`FlatBuffer.stale`), or None."""
+        return next((name for buf in self.buffers if (name := buf.stale()) is not None), None)
 
 
-def _check_params(pairs: list[tuple[str, torch.Tensor]]) -> None:
+def _is_view(t: torch.Tensor, address: int, dtype: torch.dtype) -> bool:
+    """Whether ``t`` is a contiguous tensor of ``dtype`` starting at ``address`` (an empty one always is)."""
+    return (t.data_ptr() == address and t.dtype == dtype and t.is_contiguous()) or t.numel() == 0
+
+
+def _copy(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    """``targets[i] <- sources[i]`` (cast, across devices) in one multi-tensor call."""
+    if targets:
+        torch._foreach_copy_(targets, sources)
+
+
+def check_params(pairs: list[tuple[str, torch.Tensor]]) -> None:
+    """Raise unless every ``(name, tensor)`` is a distinct dense real floating-point leaf tensor with storage
+    of its own (the errors name the parameter)."""
+    dtensor = sys.modules.get("torch.distributed.tensor")  # no DTensor exists unless it was imported
     seen: dict[int, str] = {}
     storages: list[tuple[int, int, str]] = []
     for name, p in pairs:
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"{name}: expected a tensor, got {type(p).__name__}")
+        if dtensor is not None and isinstance(p, dtensor.DTensor):
+            raise TypeError(
+                f"{name}: DTensor (FSDP2 / tensor-parallel) parameters are not supported yet; sharded "
+                "support is planned. Flattening the local shards would compute every per-tensor norm "
+                "(LAMB's trust ratios, the angle statistics) over one shard only: silently wrong"
+            )
         if id(p) in seen:
             raise ValueError(f"{name}: the same tensor is listed twice (also as {seen[id(p)]})")
         seen[id(p)] = name
         if p.is_sparse or p.layout != torch.strided:
             raise TypeError(f"{name}: expected a dense parameter, got layout {p.layout}")
+        if p.is_complex():
+            raise TypeError(
+                f"{name}: complex parameters are not supported (got {p.dtype}); keep the parameter real "
+                "with a trailing dimension of 2 and view it with torch.view_as_complex in the forward"
+            )
         if not p.is_floating_point():
             raise TypeError(f"{name}: expected a floating-point parameter, got {p.dtype}")
         if not p.is_leaf:
@@ -172,6 +317,7 @@ def _flatten(
     members: list[tuple[str, torch.Tensor]],
     align: int,
     chunk_size: int,
+    bind: bool,
 ) -> FlatBuffer:
     bounds, offsets, cursor = [], [0], 0
     for _, p in members:
@@ -183,11 +329,12 @@ def _flatten(
     for (_, p), (lo, hi) in zip(members, bounds):
         view = data[lo:hi].view_as(p)
         view.copy_(p.detach())
-        grad_view = grad[lo:hi].view_as(p)
-        if p.grad is not None:
-            grad_view.copy_(p.grad)
-        p.data = view
-        p.grad = grad_view
+        if bind:
+            grad_view = grad[lo:hi].view_as(p)
+            if p.grad is not None:
+                grad_view.copy_(p.grad)
+            p.data = view
+            p.grad = grad_view
     return FlatBuffer(
         device=device,
         dtype=dtype,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from dynbatch_kernels.chunks import ChunkTable
-from dynbatch_kernels.ops import (
+from dynbatch_kernels.columns import (
     EXTRAP_ACTIVE,
     EXTRAP_GAMMA,
     EXTRAP_LR,

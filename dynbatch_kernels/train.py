@@ -10,7 +10,6 @@ the command line can draw a bar.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import time
@@ -32,6 +31,8 @@ from dynbatch_kernels.batching import (
     make_lr_rule,
 )
 from dynbatch_kernels.data import Dataset, DigitsMLP, evaluate, load_digits_split, micro_batches
+from dynbatch_kernels.extras import import_extra
+from dynbatch_kernels.optim import ExtrapSGD, FusedLAMB
 
 logger = logging.getLogger(__name__)
 
@@ -117,34 +118,20 @@ class RunResult:
 def make_optimizer(name: str, model: nn.Module, lr: float | None = None) -> torch.optim.Optimizer:
     """The optimizer called ``name`` at ``lr`` (default: :data:`DEFAULT_LR` of what is built).
 
-    ``lamb`` is :class:`~dynbatch_kernels.optim.FusedLAMB`, or AdamW (with a warning) where it is missing;
-    ``extrap`` is :class:`~dynbatch_kernels.optim.ExtrapSGD` in ``"past"`` mode (one backward per step).
+    ``lamb`` is :class:`~dynbatch_kernels.optim.FusedLAMB`; ``extrap`` is
+    :class:`~dynbatch_kernels.optim.ExtrapSGD` in ``"past"`` mode (one backward per step).
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"name: expected one of {OPTIMIZERS}, got {name!r}")
     params = list(model.parameters())
-    if name == "lamb" and _fused_lamb() is None:
-        name = "adamw"
     lr = DEFAULT_LR[name] if lr is None else lr
     if name == "lamb":
-        return _fused_lamb()(params, lr=lr)
+        return FusedLAMB(params, lr=lr)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr)
-    from dynbatch_kernels.optim import ExtrapSGD
-
     return ExtrapSGD(params, lr=lr, mode="past")
-
-
-@functools.cache
-def _fused_lamb() -> type[torch.optim.Optimizer] | None:
-    try:
-        from dynbatch_kernels.optim import FusedLAMB
-    except ImportError:
-        logger.warning("FusedLAMB is not available; --optimizer lamb uses torch.optim.AdamW")
-        return None
-    return FusedLAMB
 
 
 def optimizer_name(optimizer: torch.optim.Optimizer) -> str:
@@ -182,7 +169,11 @@ def train(config: TrainConfig, progress: Callable[[int, dict], None] | None = No
     model = DigitsMLP(config.width, config.depth).to(device)
     optimizer = make_optimizer(config.optimizer, model, config.lr)
     acc = GradientAccumulator(
-        optimizer, make_policy(config), make_lr_rule(config.lr_rule, config.lr_ref_batch), model=model
+        optimizer,
+        make_policy(config),
+        make_lr_rule(config.lr_rule, config.lr_ref_batch),
+        model=model,
+        history_size=None,
     )
     result = RunResult(config, optimizer_name(optimizer), float(optimizer.param_groups[0]["lr"]), acc.history)
     # ExtrapSGD(mode="past") holds the extrapolated point between steps: evaluate at the iterate
@@ -209,6 +200,7 @@ def train(config: TrainConfig, progress: Callable[[int, dict], None] | None = No
             if seen >= budget or result.reached is not None:
                 break
     result.wall_s = clock.seconds
+    result.history = list(acc.history)
     acc.close()
     return result
 
@@ -269,10 +261,8 @@ SMOOTH = 5
 
 def plot_runs(runs: list[RunResult], path: Path) -> Path:
     """A PNG of batch size, last angle (a moving mean) and validation loss per step, against samples seen."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import_extra("matplotlib", "demo").use("Agg")
+    plt = import_extra("matplotlib.pyplot", "demo")
 
     fig, axes = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
     for run in runs:

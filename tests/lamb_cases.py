@@ -42,7 +42,7 @@ def bf16_rtol(device: str) -> float:
 
 
 class Float64Lamb:
-    """LAMB / LAMBC as SPEC section 6 writes it, one tensor at a time in float64."""
+    """LAMB / LAMBC as docs/algorithms.md writes it, one tensor at a time in float64."""
 
     def __init__(self, params: list[torch.Tensor]):
         self.w = [p.detach().double().clone() for p in params]

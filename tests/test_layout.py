@@ -43,13 +43,74 @@ def test_backward_writes_the_flat_buffer_and_optimizers_see_the_views():
     assert not torch.equal(layout.only().data, before), "p.data updates land in the flat buffer"
 
 
-def test_set_to_none_is_detected():
+def test_set_to_none_is_diagnosed_and_gathered():
+    """After model.zero_grad() the backward allocates fresh gradients: check_grads says so (the fast path is
+    off), gather_grads copies them in, bind_grads points them back at the flat buffer."""
     model = small_model()
     layout = FlatLayout(model.named_parameters())
     model.zero_grad(set_to_none=True)
     model(torch.randn(2, 5)).sum().backward()
-    with pytest.raises(RuntimeError, match=r"0\.weight.*flat-buffer view"):
+    with pytest.raises(RuntimeError, match=r"0\.weight.*flat-buffer view, got a separate tensor"):
         layout.check_grads()
+    buf = layout.only()
+    expected = [p.grad.clone() for p in model.parameters()]
+    assert buf.gather_grads() == [True] * 3
+    buf.bind_grads()
+    layout.check_grads()
+    assert all(torch.equal(p.grad, e) for p, e in zip(model.parameters(), expected))
+
+
+def test_private_layout_gathers_and_scatters_without_rebinding():
+    model = small_model()
+    params = list(model.parameters())
+    pointers = [p.data_ptr() for p in params]
+    buf = FlatLayout(model.named_parameters(), bind=False).only()
+    assert [p.data_ptr() for p in params] == pointers and all(p.grad is None for p in params)
+    assert not any(buf.data_is_view(j) or buf.grad_is_view(j) for j in range(3))
+    buf.grad.fill_(7.0)
+    params[1].grad = torch.full((7,), 2.0)
+    assert buf.gather_grads() == [False, True, False]
+    assert torch.equal(buf.grad_view(1), params[1].grad) and (buf.grad_view(0) == 0).all()
+    with torch.no_grad():
+        params[0].mul_(3.0)
+    buf.gather_data()
+    assert all(torch.equal(buf.data_view(j), p) for j, p in enumerate(params))
+    buf.data.add_(1.0)
+    buf.scatter_data()
+    assert all(torch.equal(buf.data_view(j), p) for j, p in enumerate(params))
+    assert [p.data_ptr() for p in params] == pointers
+
+
+def test_gather_compares_with_the_current_grad_buffer():
+    """An owner may swap ``buf.grad`` for another tensor and point ``p.grad`` into it (the accumulator's
+    A/G swap): those are views again, nothing is copied."""
+    model = small_model()
+    buf = FlatLayout(model.named_parameters()).only()
+    swapped = torch.randn_like(buf.grad)
+    buf.grad = swapped
+    assert not buf.grad_is_view(0)
+    buf.bind_grads()
+    assert all(buf.grad_is_view(j) for j in range(3))
+    before = swapped.clone()
+    assert buf.gather_grads() == [True] * 3
+    assert torch.equal(swapped, before)
+    assert model[0].weight.grad.data_ptr() == swapped.data_ptr()
+
+
+def test_stale_parameters():
+    model = small_model()
+    layout = FlatLayout(model.named_parameters(), bind=False)
+    assert layout.stale() is None
+    model[2].weight.data = torch.randn(3, 7)  # same shape, dtype, device: still fits
+    assert layout.stale() is None
+    model[0].bias.data = torch.randn(8)
+    assert layout.stale() == "0.bias"
+    assert [layout.only().is_stale(j) for j in range(3)] == [False, True, False]
+    model[0].bias.grad = torch.zeros(8)
+    with pytest.raises(ValueError, match=r"0\.bias: expected \.grad of shape \(7,\), got \(8,\)"):
+        layout.only().gather_grads()
+    model.half()
+    assert layout.stale() == "0.weight"
 
 
 def test_dtype_groups_and_param_groups():
@@ -80,6 +141,7 @@ def test_existing_grads_are_kept_and_empty_params_allowed():
     "make, error, match",
     [
         (lambda: [torch.arange(3)], TypeError, "floating-point"),
+        (lambda: [torch.randn(3, dtype=torch.complex64)], TypeError, "complex parameters are not supported"),
         (lambda: [torch.randn(3, requires_grad=True) * 2], ValueError, "leaf"),
         (lambda: [torch.randn(4, 4).to_sparse().requires_grad_()], TypeError, "dense"),
         (lambda: [], ValueError, "at least one"),

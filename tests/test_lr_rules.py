@@ -1,12 +1,14 @@
-"""Learning-rate rules: values against SPEC section 5, calibration, fallbacks, state."""
+"""Learning-rate rules: values against docs/algorithms.md, calibration, fallbacks, state."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
+import torch
 
 from dynbatch_kernels.batching import LinearRule, SGDRule, SqrtRule, SurgeRule, make_lr_rule
+from dynbatch_kernels.batching.lr_rules import scaled_lrs
 
 
 def test_linear_and_sqrt_from_reference():
@@ -55,3 +57,15 @@ def test_make_lr_rule_and_errors():
         LinearRule(0)
     with pytest.raises(ValueError, match="noise_ref"):
         SGDRule(8, noise_ref=-1.0)
+
+
+def test_scaled_lrs_restores_the_schedulers_values_exactly():
+    w = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.SGD([{"params": [w], "lr": 0.1}, {"params": [], "lr": torch.tensor(0.3)}])
+    tensor_lr = opt.param_groups[1]["lr"]
+    with pytest.raises(RuntimeError, match="inside"), scaled_lrs(opt, 3.0):
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.3)
+        assert tensor_lr.item() == pytest.approx(0.9)
+        raise RuntimeError("inside")
+    assert opt.param_groups[0]["lr"] == 0.1  # restored, not divided back
+    assert opt.param_groups[1]["lr"] is tensor_lr and torch.equal(tensor_lr, torch.tensor(0.3))

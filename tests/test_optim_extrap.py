@@ -128,11 +128,14 @@ def assert_params_close(model: nn.Module, expected: list[torch.Tensor], what: st
 
 @pytest.mark.parametrize("backend", backend_cases(), indirect=True)
 @pytest.mark.parametrize("mode", ["local", "past"])
-def test_matches_float64_reference(backend, mode):
-    """10 steps with two param groups and an LR schedule: the model, and the iterate, track float64."""
+@pytest.mark.parametrize("bind", [True, False], ids=["bound", "copied"])
+def test_matches_float64_reference(backend, mode, bind):
+    """10 steps with two param groups and an LR schedule: the model, and the iterate, track float64, with
+    the parameters and gradients bound to the layout or gathered and scattered."""
     model = make_model().to(backend)
     ref = Reference(model, groups(model), mode)
-    layout = FlatLayout(groups(model), chunk_size=32)  # several chunks per segment, padding after each
+    # several chunks per segment, padding after each
+    layout = FlatLayout(groups(model), chunk_size=32, bind=bind)
     opt = ExtrapSGD(groups(model), lr=0.2, mode=mode, layout=layout)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + 0.3 * t))
     start = [p.detach().clone() for p in model.parameters()]
@@ -300,7 +303,6 @@ def test_resume_is_bit_identical(mode, mid_step):
     saved = torch.load(io.BytesIO(blob))
     model.load_state_dict(saved["model"])
     opt.load_state_dict(saved["opt"])
-    opt.layout.check_grads()
     steps(model, opt, range(3, 6), resume_mid=mid_step)
     for p, e in zip(model.parameters(), expected):
         assert torch.equal(p.detach(), e)
@@ -358,13 +360,22 @@ def test_segments_outside_the_optimizer_are_untouched(mode):
     assert opt.state[second.bias]["step"] == 0 and opt.state[first.bias]["step"] == 4
 
 
-def test_zero_grad_keeps_flat_views():
+def test_zero_grad_follows_torch():
+    """set_to_none=True (the default) clears p.grad; False zeroes it in place, views of a layout included."""
     model = make_model()
     opt = ExtrapSGD(model.parameters(), lr=0.1)
     loss_of(model, batches(1)[0]).backward()
-    opt.zero_grad(set_to_none=True)
-    opt.layout.check_grads()
-    assert all(p.grad is not None and (p.grad == 0).all() for p in model.parameters())
+    grads = [p.grad for p in model.parameters()]
+    opt.zero_grad(set_to_none=False)
+    assert all(p.grad is g and (g == 0).all() for p, g in zip(model.parameters(), grads))
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    layout = FlatLayout(model.parameters())
+    opt = ExtrapSGD(model.parameters(), lr=0.1, layout=layout)
+    loss_of(model, batches(1)[0]).backward()
+    opt.zero_grad(set_to_none=False)
+    layout.check_grads()
+    assert (layout.only().grad == 0).all()
 
 
 # ---- error paths ----
@@ -398,13 +409,20 @@ def test_sequence_errors():
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))]})
 
 
-def test_gradients_set_to_none_raise():
+@pytest.mark.parametrize("bound", [False, True], ids=["private", "bound"])
+def test_extrapolate_clears_the_gradient(bound):
+    """Local mode: the second backward must see only the gradient at u, whether p.grad is the user's tensor
+    (set to None by extrapolate()) or a caller layout's view (zeroed in the fused pass)."""
     model = make_model()
-    opt = ExtrapSGD(model.parameters(), lr=0.1, mode="past")
-    model.zero_grad(set_to_none=True)
+    params = list(model.parameters())
+    opt = ExtrapSGD(params, lr=0.1, layout=FlatLayout(params) if bound else None)
     loss_of(model, batches(1)[0]).backward()
-    with pytest.raises(RuntimeError, match="flat-buffer view"):
-        opt.step()
+    opt.extrapolate()
+    if bound:
+        opt.layout.check_grads()
+        assert (opt.layout.only().grad == 0).all()
+    else:
+        assert all(p.grad is None for p in params)
 
 
 BAD_ARGS = {

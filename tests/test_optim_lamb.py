@@ -40,19 +40,25 @@ def oracle_options(optimizer: FusedLAMB, params) -> list[dict]:
 
 
 def set_grads(params, gen: torch.Generator, scale: float = 1.0) -> list[torch.Tensor]:
+    """Random gradients, written into a caller layout's views where they are, else as fresh tensors."""
     grads = [torch.randn(p.shape, generator=gen) * scale for p in params]
     for p, g in zip(params, grads):
-        p.grad.copy_(g)
+        if p.grad is None:
+            p.grad = g.to(p)
+        else:
+            p.grad.copy_(g)
     return grads
 
 
 @pytest.mark.parametrize("backend", backend_cases(), indirect=True)
-def test_ten_steps_match_float64_oracle(backend):
-    """Three groups with random options, odd sizes, an LR schedule changing lr every step, a caller layout."""
+@pytest.mark.parametrize("bind", [True, False], ids=["bound", "copied"])
+def test_ten_steps_match_float64_oracle(backend, bind):
+    """Three groups with random options, odd sizes, an LR schedule changing lr every step, a caller layout
+    (binding the parameters and gradients, or gathering and scattering them)."""
     gen = torch.Generator().manual_seed(21)
     params = [torch.nn.Parameter(p.detach().to(backend)) for p in make_params(gen)]
     oracle = Float64Lamb(params)
-    layout = FlatLayout(params, chunk_size=32)
+    layout = FlatLayout(params, chunk_size=32, bind=bind)
     optimizer = FusedLAMB(three_groups(params, gen), layout=layout)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1.0 / (1 + 0.3 * t))
     for _ in range(10):
@@ -306,7 +312,7 @@ def test_master_weights_keep_updates_below_bfloat16_precision():
     }
     for _ in range(10):
         for flag, p in params.items():
-            p.grad.fill_(1.0)
+            p.grad = torch.ones_like(p)
             optimizers[flag].step()
     assert torch.equal(params[False].detach(), torch.ones(64, dtype=torch.bfloat16))
     master = optimizers[True].state[params[True]]["master_param"]
@@ -366,22 +372,26 @@ def test_add_param_group_keeps_state_and_matches_oracle():
     assert [optimizer.state[p]["step"].item() for p in first + second] == [5] * 3 + [3] * 3
 
 
-def test_zero_grad_repoints_gradients_after_model_zero_grad():
+def test_private_layout_leaves_user_tensors_and_names_ratios():
+    """The default layout is private: p.data and p.grad stay the user's, p.grad keeps the gradient (not u)."""
     model = small_model()
+    pointers = [p.data_ptr() for p in model.parameters()]
     optimizer = FusedLAMB(model.parameters())
-    model.zero_grad()  # sets every p.grad to None: backward would allocate fresh tensors
-    model(torch.randn(2, 1, 8, 8)).sum().backward()
-    with pytest.raises(RuntimeError, match="zero_grad"):
-        optimizer.step()
-    optimizer.zero_grad()
-    model(torch.randn(2, 1, 8, 8)).sum().backward()
-    optimizer.layout.check_grads()
-    assert optimizer.layout.only().grad.abs().sum() > 0
-    loss = optimizer.step(lambda: model(torch.randn(2, 1, 8, 8)).sum())
+
+    def closure():
+        optimizer.zero_grad()
+        loss = model(torch.randn(2, 1, 8, 8)).sum()
+        loss.backward()
+        return loss
+
+    loss = optimizer.step(closure)
     assert loss.ndim == 0
-    assert set(optimizer.named_trust_ratios()) == {
-        f"group0.param{i}" for i in range(len(list(model.parameters())))
-    }
+    grads = [p.grad.clone() for p in model.parameters()]
+    assert [p.data_ptr() for p in model.parameters()] == pointers
+    assert all(not optimizer.layout.only().data_is_view(j) for j in range(len(pointers)))
+    optimizer.step()  # the same gradients again: they were not overwritten by the first step's u
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    assert set(optimizer.named_trust_ratios()) == {f"group0.param{i}" for i in range(len(pointers))}
 
 
 BAD_OPTIONS = {

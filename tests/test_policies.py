@@ -65,9 +65,9 @@ def test_guard_drop_leaves_parameters_and_clears_the_accumulator():
     model, acc = make(AnglePolicy(max_samples=100), lr=1.0)
     before = [p.detach().clone() for p in model.parameters()]
     k, record = first_step(acc, angle_sequence([80, 70, 85], num_elements(model)))
-    assert record.dropped and k == 4
+    assert record.dropped and not record.applied and k == 4  # the user does not step the LR scheduler
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
-    assert all((a == 0).all() for a in acc._acc)
+    assert all((a == 0).all() for a in acc._buffers.acc)
     # the next step starts from scratch: its first angle sets a new a_min
     k, record = first_step(acc, angle_sequence([50, 40, 30, 34], num_elements(model), seed=1))
     assert k == 5 and not record.dropped
@@ -146,6 +146,19 @@ def test_group_score_formula():
     assert record.group == "all"
 
 
+def test_rebinding_keeps_group_weights_by_name():
+    """The accumulator binds again when the optimizer's parameters change: learned weights survive."""
+    policy = AnglePolicy(groups="auto", seed=2)
+    names = ["layers.0.weight", "layers.1.weight"]
+    policy.bind(names)
+    policy.weights = [0.3, 0.6]
+    group = policy.group
+    policy.bind([*names, "head.weight"])  # a new parameter, no new group: nothing restarts
+    assert policy.weights == [0.3, 0.6] and policy.group == group
+    policy.bind([*names, "layers.2.weight"])
+    assert policy.group_names == ["layers.0.", "layers.1.", "layers.2."] and policy.weights == [0.3, 0.6, 1.0]
+
+
 def test_angle_policy_state_round_trip_repeats_draws():
     _, acc = make(AnglePolicy(groups="auto", seed=11))
     policy = acc.policy
@@ -205,7 +218,7 @@ def test_noise_scale_policy_follows_the_noise():
     for sigma in (0.3, 1.0, 3.0):
         acc = run_variance_policy(NoiseScalePolicy(min_samples=16, max_samples=4096), sigma, steps=25)
         assert all(r.micro_batches >= 2 for r in acc.history)
-        batches[sigma] = sum(r.samples for r in acc.history[-10:]) / 10
+        batches[sigma] = sum(r.samples for r in list(acc.history)[-10:]) / 10
         assert acc.estimator.noise_scale == pytest.approx(sigma**2 / 0.01, rel=0.3)
     assert batches[0.3] < batches[1.0] < batches[3.0]
     assert batches[1.0] == pytest.approx(100, rel=0.3) and batches[3.0] == pytest.approx(900, rel=0.3)

@@ -1,43 +1,47 @@
 """GradientAccumulator: micro-batches -> fused accumulation -> policy decision -> optimizer step.
 
-The user's loop::
+The user's loop (any ``torch.optim`` optimizer, any LR scheduler)::
 
-    acc = GradientAccumulator(optimizer, policy, lr_rule)     # before the first backward
+    acc = GradientAccumulator(optimizer, policy, lr_rule)
     for xb, yb in loader:                                      # micro-batches
         loss = loss_fn(model(xb), yb)                          # mean over the micro-batch
-        loss.backward()
+        loss.backward()                                        # or scaler.scale(loss).backward()
         if acc.accumulate(num_samples=len(xb), loss=loss.detach()):
-            acc.step()
+            record = acc.step()                                # optimizer (and scaler) step
+            if record.applied:
+                scheduler.step()                               # a dropped step advances nothing
 
-Buffers, per (device, dtype) buffer of the optimizer's :class:`~dynbatch_kernels.FlatLayout` (``G`` = the
-flat grad buffer the ``p.grad`` views live in, ``A`` = a float32 accumulator, ``A'`` = a float32 backup):
+Buffers, per (device, dtype) buffer of the layout (see :mod:`~dynbatch_kernels.batching.grads`: ``G`` =
+the flat gradient the ``p.grad`` views live in, ``A`` = a float32 sum, ``A'`` = its backup):
 
 - **per micro-batch** (``n_k`` samples, loss a mean): ``A' <- A`` (skipped for the first micro-batch of a
   step, where ``A = 0``), then one fused pass ``A += n_k * G; G <- 0`` with the per-segment sums
-  (:func:`~dynbatch_kernels.ops.accumulate_`). ``A`` holds the sum of per-sample gradients. Bytes per
-  float32 element: 16 for the fused pass + 8 for the backup copy.
-- **per step**, float32 gradients: ``A`` and ``G`` swap roles (``G`` is all zeros after the last fused
-  pass, so it becomes the next accumulator and the ``p.grad`` views are re-pointed into ``A``). An optimizer
-  that speaks GradScaler's protocol (``_step_supports_amp_scaling``: FusedLAMB, torch's fused Adam/AdamW/
-  SGD) gets ``grad_scale = N`` (``N = sum n_k``) and divides while it reads: no extra pass; any other gets
-  ``A *= 1/N`` first (8 bytes). Then the optimizer's step, and ``G <- 0`` for the next backward (4 bytes).
-  bfloat16/float16 gradients: ``G <- A / N`` (the one pass a generic optimizer needs; 4+2 bytes), the
-  step, ``A <- 0``, ``G <- 0``. Hold ``layout.buffers[i]``, not its ``.grad`` tensor, across steps.
+  (:func:`~dynbatch_kernels.ops.accumulate_`). ``A`` holds the sum of per-sample gradients (times the
+  loss scale under a GradScaler). Bytes per float32 element: 16 for the fused pass + 8 for the backup.
+  Gradients that are not ``G``'s views (after ``zero_grad(set_to_none=True)``, say) cost one copy each.
+- **per step**: ``p.grad`` get the averaged gradient ``A * c / (N * S)`` (``N = sum n_k``, ``S`` the loss
+  scale or 1, ``c = min(1, max_grad_norm / (|A| / (N * S) + 1e-6))`` the clip factor, ``|A|^2`` the last
+  pass's ``ACC_NEW_SQ`` summed over segments: no pass of its own) and ``None`` where no micro-batch of the
+  step reached the parameter.
+  float32 gradients: ``A`` and ``G`` swap roles (no copy: ``p.grad`` become views into ``A``). An
+  optimizer that speaks GradScaler's protocol (``_step_supports_amp_scaling``: FusedLAMB, torch's fused
+  Adam/AdamW/SGD) gets ``grad_scale = N * S / c`` and divides while it reads: no extra pass; any other gets
+  ``A *= c / (N * S)`` first (8 bytes). Then the optimizer's step, and ``G <- 0`` for the next backward.
+  bfloat16/float16 gradients: ``G <- A * c / (N * S)``, ``A <- 0``, the step, ``G <- 0``.
 
-**Non-finite gradients** are found from the sums (a non-finite ``GRAD_SQ``): the micro-batch is dropped
-with a warning and counted in the history, and ``A`` is restored exactly from ``A'`` (or zeroed when it
-was the step's first micro-batch). A roll-back by subtraction cannot be exact (``inf - inf``, rounding),
-and a finiteness pre-check would need a host decision before the pass; the backup copy is the price of
-exactness without a host wait: 8 bytes per element per micro-batch (+50% over the fused pass alone).
+**Non-finite gradients** are found from the sums (a non-finite ``GRAD_SQ`` or ``ACC_NEW_SQ``): the
+micro-batch is dropped with a warning and counted in the record, and ``A`` is restored exactly from ``A'``
+(or zeroed when it was the step's first). A roll-back by subtraction cannot be exact (``inf - inf``,
+rounding), and a finiteness pre-check would need a host decision before the pass. Under a GradScaler such
+a step also backs the scale off (see :mod:`~dynbatch_kernels.batching.amp`).
 
-**Host reads**: only the ``[S, 4]`` sums (and the loss) leave the device. On CUDA they go to pinned host
-memory by a non-blocking copy and are read at the next call (``read_lag=1``), so the GPU never waits for
-the host: a decision that needs the sums is one micro-batch late (the step includes the micro-batch after
-the one where the policy fired, and the policy and angle guard see it too); count-only stops (the
-maximum, :class:`~dynbatch_kernels.batching.policies.FixedPolicy`) need no sums and stay exact.
-:meth:`step` reads the last micro-batch's sums before applying (one event wait per optimizer step) so a
-non-finite micro-batch is never applied. On the CPU the sums are read at once (``read_lag=0``) and
-decisions are exact.
+**Host reads**: only the ``[S, 4]`` sums, the loss and (once per step) the loss scale leave the device. On
+CUDA they go to pinned host memory by non-blocking copies and are read at the next call (``read_lag=1``),
+so the GPU never waits for the host: a decision that needs the sums is one micro-batch late (the step
+includes the micro-batch after the one where the policy fired); count-only stops (the maximum,
+:class:`~dynbatch_kernels.batching.policies.FixedPolicy`) need no sums and stay exact. :meth:`step` reads
+the last micro-batch's sums before applying (one event wait per step) so a non-finite micro-batch is never
+applied. On the CPU the sums are read at once (``read_lag=0``) and decisions are exact.
 """
 
 from __future__ import annotations
@@ -45,17 +49,23 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+from collections import deque
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from dynbatch_kernels import ops, stats
+from dynbatch_kernels import ops
+from dynbatch_kernels.batching import amp
 from dynbatch_kernels.batching.estimators import NoiseScaleEstimator, VarianceSums
-from dynbatch_kernels.batching.lr_rules import LRRule
-from dynbatch_kernels.batching.policies import BatchPolicy, Observation, StepSummary
-from dynbatch_kernels.layout import FlatBuffer, FlatLayout
+from dynbatch_kernels.batching.grads import Index, StepBuffers
+from dynbatch_kernels.batching.lr_rules import LRRule, scaled_lrs
+from dynbatch_kernels.batching.policies import BatchPolicy, Observation, StepSummary, column_sums, sums_angle
+from dynbatch_kernels.layout import FlatLayout
 
 logger = logging.getLogger(__name__)
+
+#: Records kept in :attr:`GradientAccumulator.history` by default (the most recent ones).
+HISTORY_SIZE = 1024
 
 
 @dataclass
@@ -64,11 +74,14 @@ class StepRecord:
 
     ``angles``: the whole-model angle after each accepted micro-batch ``k >= 2``; ``trace``, ``grad_sq``,
     ``noise_scale_step``: this step's raw ``tr(Sigma)``, ``|G_true|^2`` and their ratio (NaN when ``K < 2``);
-    ``noise_scale``: the averaged ``B_simple`` after it; ``lr``: the first param group's lr used (or that
-    would have been); ``loss``: the sample-weighted mean micro-batch loss; ``dropped``: vetoed by the
-    policy's guard; ``forced``: the policy's rule did not fire (``max_samples`` reached, or :meth:`step`
-    called early); ``nonfinite``: micro-batches dropped for a
-    non-finite gradient; ``group``: the angle group that drove the decision, if any.
+    ``noise_scale``: the averaged ``B_simple`` after it; ``lr``: the first param group's lr applied (the
+    scheduler's lr times the LR rule's factor; a dropped step: the scheduler's lr); ``grad_norm``: the
+    global norm of the averaged (unscaled) gradient before clipping (NaN when dropped); ``loss``: the
+    sample-weighted mean micro-batch loss; ``dropped``: nothing was applied (the policy's guard vetoed the
+    step, or every micro-batch was non-finite): do not advance an LR scheduler (see :attr:`applied`);
+    ``forced``: the policy's rule did not fire (``max_samples`` reached, or :meth:`GradientAccumulator.step`
+    called early); ``nonfinite``: micro-batches dropped for a non-finite gradient; ``group``: the angle
+    group that drove the decision, if any.
     """
 
     step: int
@@ -80,20 +93,29 @@ class StepRecord:
     noise_scale_step: float = math.nan
     noise_scale: float = math.nan
     lr: float = math.nan
+    grad_norm: float = math.nan
     loss: float = math.nan
     dropped: bool = False
     forced: bool = False
     nonfinite: int = 0
     group: str | None = None
 
+    @property
+    def applied(self) -> bool:
+        """The optimizer stepped: advance LR schedulers (and anything else counted in steps) only then."""
+        return not self.dropped
 
-@dataclass
+
+@dataclass(slots=True)
 class _Pending:
     """A launched micro-batch whose sums are not read yet."""
 
     samples: int
-    has_loss: bool
+    sums: list[list[float]] | None  # None: still on their way to ``_host_sums``
+    loss: float  # NaN: none, or (``host_loss``) still on its way to ``_host_scalars``
+    host_loss: bool
     from_zero: bool
+    fresh: list[Index]
     events: list[torch.cuda.Event]
 
 
@@ -102,17 +124,31 @@ class GradientAccumulator:
 
     Args:
         optimizer: any ``torch.optim.Optimizer``. Its ``.layout`` (a :class:`FlatLayout`) is reused when it
-            has one; otherwise one is built over its param groups, rebinding ``p.data`` / ``p.grad`` as
-            flat-buffer views, so create the accumulator before the first backward (it zeroes the grads).
+            has one; otherwise a private one is built over its param groups (``bind=False``: the user's
+            tensors stay where they are). Parameters may be frozen (``requires_grad=False``) and groups
+            added (``add_param_group``), or the optimizer's ``layout`` replaced, at any time: the buffers
+            follow at the next :meth:`accumulate` or :meth:`step`, mid-step carrying the accumulated sum
+            over (a parameter new to the step counts from the micro-batch where it first has a gradient).
         policy: a :class:`~dynbatch_kernels.batching.policies.BatchPolicy`.
-        lr_rule: optional :class:`~dynbatch_kernels.batching.lr_rules.LRRule`; before every step each param
-            group's lr is set to its initial lr times ``lr_rule.factor(N, B_noise)``.
+        lr_rule: optional :class:`~dynbatch_kernels.batching.lr_rules.LRRule`: for the optimizer's step
+            only, every group's lr (as an LR scheduler set it) is multiplied by ``lr_rule.factor(N,
+            B_noise)``; the scheduler's values are restored afterwards.
+        scaler: optional ``torch.amp.GradScaler`` whose ``scaler.scale(loss).backward()`` produced the
+            gradients. :meth:`step` unscales (folded into its division), steps and updates the scale; do
+            not call ``scaler.step`` / ``scaler.update`` yourself. Policies and records see unscaled sums.
+        max_grad_norm: clip the averaged gradient to this global L2 norm (as ``clip_grad_norm_``: factor
+            ``min(1, max_grad_norm / (norm + 1e-6))``), the norm taken from the fused sums at no cost.
         model: optional module whose ``named_parameters()`` name the segments (for the angle groups).
         noise_beta: EMA factor of the online noise-scale estimator.
         read_lag: 0 reads the sums at once, 1 one micro-batch later (default: 1 on CUDA, 0 otherwise).
+        history_size: :attr:`history` keeps the last this many :class:`StepRecord` (default
+            :data:`HISTORY_SIZE`); ``None`` keeps all.
 
-    Gradients must stay the layout's views: zero them only with ``zero_grad(set_to_none=False)`` or not at
-    all (the accumulator zeroes them); ``accumulate`` raises otherwise.
+    ``p.grad`` between micro-batches: :meth:`accumulate` takes the gradient and leaves every non-None
+    ``p.grad`` a zeroed view into the accumulator's gradient buffer, so the next backward writes straight
+    into it (the fast path). Replacing or clearing them (``zero_grad()``, assigning ``p.grad``) is fine: such
+    gradients are copied in. At the step the optimizer finds the averaged gradient in ``p.grad``, and
+    ``None`` for parameters that no micro-batch of the step reached (skipped: no update, no weight decay).
     """
 
     def __init__(
@@ -121,9 +157,12 @@ class GradientAccumulator:
         policy: BatchPolicy,
         lr_rule: LRRule | None = None,
         *,
+        scaler: torch.amp.GradScaler | None = None,
+        max_grad_norm: float | None = None,
         model: torch.nn.Module | None = None,
         noise_beta: float = 0.9,
         read_lag: int | None = None,
+        history_size: int | None = HISTORY_SIZE,
     ):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -131,59 +170,60 @@ class GradientAccumulator:
             raise TypeError(f"policy: expected a BatchPolicy, got {type(policy).__name__}")
         if lr_rule is not None and not isinstance(lr_rule, LRRule):
             raise TypeError(f"lr_rule: expected an LRRule or None, got {type(lr_rule).__name__}")
-        layout = getattr(optimizer, "layout", None)
-        if layout is None:
-            layout = FlatLayout(optimizer.param_groups)
-        elif not isinstance(layout, FlatLayout):
-            raise TypeError(f"optimizer.layout: expected a FlatLayout, got {type(layout).__name__}")
-        on_cuda = any(buf.device.type == "cuda" for buf in layout.buffers)
-        if read_lag is None:
-            read_lag = int(on_cuda)
-        if read_lag not in (0, 1):
-            raise ValueError(f"read_lag: expected 0 or 1, got {read_lag!r}")
-        self.optimizer, self.policy, self.lr_rule, self.layout = optimizer, policy, lr_rule, layout
-        self.read_lag = read_lag
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            raise TypeError(f"scaler: expected a torch.amp.GradScaler or None, got {type(scaler).__name__}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm: expected None or a positive norm, got {max_grad_norm!r}")
+        if history_size is not None and not (isinstance(history_size, int) and history_size >= 1):
+            raise ValueError(f"history_size: expected None or an int >= 1, got {history_size!r}")
+        self.optimizer, self.policy, self.lr_rule = optimizer, policy, lr_rule
+        self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
+        self.max_grad_norm = max_grad_norm
         self.estimator = NoiseScaleEstimator(noise_beta)
-        self.base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
-        self.history: list[StepRecord] = []
+        self.history: deque[StepRecord] = deque(maxlen=history_size)
+        self.steps = 0  # finished accumulations, applied or dropped (the next record's ``step``)
         self.last_angle = math.nan  # the last whole-model angle of any step (for display)
-        self.policy.bind(self._segment_names(model))
-
-        layout.zero_grad()
-        self._acc = [
-            torch.zeros(b.grad.numel(), dtype=torch.float32, device=b.device) for b in layout.buffers
-        ]
-        self._backup = [torch.empty_like(a) for a in self._acc]
-        rows = sum(b.num_segments for b in layout.buffers)
-        pin = on_cuda and read_lag == 1
-        self._host_sums = torch.zeros(rows, 4, dtype=torch.float32, pin_memory=pin)
-        self._host_loss = torch.zeros((), dtype=torch.float32, pin_memory=pin)
+        self._names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
         self._pending: _Pending | None = None
-        self._backward_seen = False
-        self._hooks = [p.register_post_accumulate_grad_hook(self._saw_backward) for p in layout.params]
+        self._buffers: StepBuffers | None = None
+        layout = self._optimizer_layout()
+        on_cuda = any(p.device.type == "cuda" for group in optimizer.param_groups for p in group["params"])
+        self.read_lag = int(on_cuda) if read_lag is None else read_lag
+        if self.read_lag not in (0, 1):
+            raise ValueError(f"read_lag: expected 0 or 1, got {read_lag!r}")
         self._reset_step()
+        self._rebuild(layout)
+
+    @property
+    def layout(self) -> FlatLayout:
+        """The layout the buffers follow: the optimizer's, or the accumulator's own."""
+        return self._buffers.layout
 
     # -- the user's two calls -------------------------------------------------------------------------
 
-    @torch.no_grad()
     def accumulate(self, num_samples: int, loss: torch.Tensor | float | None = None) -> bool:
         """Add the micro-batch gradient now in ``p.grad`` (``num_samples`` samples, a mean loss) and zero it.
 
         Returns whether to call :meth:`step` now (the policy fired, possibly one micro-batch ago on CUDA;
-        it stays True until :meth:`step`). ``loss`` (the micro-batch's mean loss, detached) feeds the
-        history and the CABS policy.
+        it stays True until :meth:`step`). ``loss`` (the micro-batch's mean loss, detached and unscaled)
+        feeds the record and the CABS policy.
         """
-        if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples <= 0:
+        if type(num_samples) is not int and (
+            isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral)
+        ):
             raise ValueError(f"num_samples: expected a positive int, got {num_samples!r}")
-        if not self._backward_seen:
+        if num_samples <= 0:
+            raise ValueError(f"num_samples: expected a positive int, got {num_samples!r}")
+        self._follow_optimizer()
+        fresh = self._buffers.gather()
+        if fresh is None:
             raise RuntimeError(
                 "accumulate: expected a backward() since the last accumulate()/step(), got none; "
                 "call loss.backward() on the micro-batch first"
             )
-        self.layout.check_grads()
         if self._pending is not None:
             self._resolve()
-        self._launch(int(num_samples), loss)
+        self._launch(int(num_samples), loss, fresh)
         if self.read_lag == 0:
             self._resolve()
         elif self.policy.reached_max(self._sums.samples + int(num_samples)):
@@ -192,7 +232,13 @@ class GradientAccumulator:
 
     @torch.no_grad()
     def step(self) -> StepRecord:
-        """Apply ``A / N`` through the optimizer (unless the guard drops it), clear, return the record."""
+        """Apply the averaged gradient through the optimizer (unless the guard drops it), clear, record.
+
+        Under a GradScaler the scale is then updated (backed off when a micro-batch overflowed). A dropped
+        step (``record.dropped``, the angle guard's veto) changed nothing: advance an LR scheduler only
+        when ``record.applied``.
+        """
+        self._follow_optimizer()
         if self._pending is not None:
             self._resolve()  # the one host wait per step on CUDA: never apply an unchecked micro-batch
         if not self.accumulated:
@@ -202,24 +248,29 @@ class GradientAccumulator:
         if estimate is not None:
             self.estimator.update(estimate)
         apply = sums.micro_batches > 0 and self.policy.guard()
-        if apply and self.lr_rule is not None:
-            factor = self.lr_rule.factor(sums.samples, self.estimator.noise_scale)
-            for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-                _set_lr(group, base * factor)
-        lr = float(self.optimizer.param_groups[0]["lr"])
+        lr = _lr_value(self.optimizer.param_groups[0])
         forced = not self.policy.fired
+        grad_norm = math.nan
         if apply:
-            self._apply(sums.samples)
-        else:
-            logger.info(
-                "step %d dropped by the policy's guard (last angle %s)", len(self.history), self._angles
+            grad_norm = math.sqrt(self._acc_sq) / sums.samples
+            clip = 1.0
+            if self.max_grad_norm is not None:
+                clip = min(1.0, self.max_grad_norm / (grad_norm + 1e-6))
+            factor = (
+                1.0 if self.lr_rule is None else self.lr_rule.factor(sums.samples, self.estimator.noise_scale)
             )
-            for acc in self._acc:
-                acc.zero_()
+            self._apply(sums.samples * self._scale / clip, factor)
+            lr *= factor
+        else:
+            why = "no finite micro-batch" if not sums.micro_batches else f"the guard (angles {self._angles})"
+            logger.info("step %d dropped: %s", self.steps, why)
+            self._buffers.discard()
+        if self.scaler is not None:
+            amp.update_scale(self.scaler, found_inf=self._nonfinite > 0)
         loss = self._loss_sum / self._loss_samples if self._loss_samples else math.nan
         self.policy.end_step(StepSummary(sums.micro_batches, sums.samples, estimate, loss, lr, stepped=apply))
         record = StepRecord(
-            step=len(self.history),
+            step=self.steps,
             micro_batches=sums.micro_batches,
             samples=sums.samples,
             angles=self._angles,
@@ -228,6 +279,7 @@ class GradientAccumulator:
             noise_scale_step=estimate.noise_scale if estimate else math.nan,
             noise_scale=self.estimator.noise_scale,
             lr=lr,
+            grad_norm=grad_norm,
             loss=loss,
             dropped=not apply,
             forced=forced,
@@ -235,13 +287,17 @@ class GradientAccumulator:
             group=self._group,
         )
         self.history.append(record)
+        self.steps += 1
         self._reset_step()
         return record
 
     # -- state ----------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """Policy, estimator, LR rule, base lrs and history; call it between steps (after :meth:`step`)."""
+        """Policy, estimator, LR rule, step count and history; call it between steps (after :meth:`step`).
+
+        A GradScaler's state is the scaler's own (``scaler.state_dict()``).
+        """
         if self.accumulated:
             raise RuntimeError(
                 "state_dict: expected a step boundary, got micro-batches accumulated since the last step"
@@ -250,7 +306,7 @@ class GradientAccumulator:
             "policy": self.policy.state_dict(),
             "estimator": self.estimator.state_dict(),
             "lr_rule": None if self.lr_rule is None else self.lr_rule.state_dict(),
-            "base_lrs": list(self.base_lrs),
+            "steps": self.steps,
             "history": [asdict(r) for r in self.history],
         }
 
@@ -261,8 +317,9 @@ class GradientAccumulator:
         self.estimator.load_state_dict(state["estimator"])
         if self.lr_rule is not None:
             self.lr_rule.load_state_dict(state["lr_rule"])
-        self.base_lrs = [float(lr) for lr in state["base_lrs"]]
-        self.history = [StepRecord(**r) for r in state["history"]]
+        self.history = deque((StepRecord(**r) for r in state["history"]), maxlen=self.history.maxlen)
+        self.steps = int(state["steps"])
+        self._estimates = None
 
     @property
     def accumulated(self) -> int:
@@ -271,49 +328,81 @@ class GradientAccumulator:
 
     def close(self) -> None:
         """Remove the backward hooks (the accumulator is unusable afterwards)."""
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
+        self._buffers.close()
 
     # -- internals ------------------------------------------------------------------------------------
 
-    def _apply(self, samples: int) -> None:
-        """Hand ``A / samples`` to the optimizer, step, and leave ``A = 0`` and ``G = 0`` behind.
-
-        float32 gradients: ``A`` and ``G`` swap roles (``G`` is already zero after the last fused pass), so
-        the optimizer reads ``A`` in place; the division is folded into its ``grad_scale`` when it speaks
-        GradScaler's protocol, else done in place. Other gradient dtypes: ``G <- A / samples``, ``A <- 0``.
-        """
-        buffers = self.layout.buffers
-        swap = all(buf.grad.dtype == torch.float32 for buf in buffers)
-        fold = swap and getattr(self.optimizer, "_step_supports_amp_scaling", False)
-        for i, buf in enumerate(buffers):
-            acc = self._acc[i]
-            if not swap:
-                torch.mul(acc, 1.0 / samples, out=buf.grad)
-                acc.zero_()
-                continue
-            if not fold:
-                acc.mul_(1.0 / samples)
-            self._acc[i] = buf.grad
-            _rebind_grads(buf, acc)
+    def _apply(self, divisor: float, lr_factor: float) -> None:
+        """Hand ``A / divisor`` to the optimizer as ``p.grad``, step, and leave ``A = 0`` and ``G = 0``."""
+        buffers = self._buffers
+        fold = getattr(self.optimizer, "_step_supports_amp_scaling", False) and all(
+            b.grad.dtype == torch.float32 for b in buffers.layout.buffers
+        )
+        buffers.expose(None if fold else 1.0 / divisor)
         if fold:
-            device = buffers[0].device
-            self.optimizer.grad_scale = torch.full((1,), float(samples), device=device)
+            device = buffers.layout.buffers[0].device
+            self.optimizer.grad_scale = torch.full((1,), divisor, device=device)
             self.optimizer.found_inf = torch.zeros((), device=device)  # as GradScaler: [1] and []
         try:
-            self.optimizer.step()
+            if lr_factor == 1.0:
+                self.optimizer.step()
+            else:
+                with scaled_lrs(self.optimizer, lr_factor):
+                    self.optimizer.step()
         finally:
             if fold:
                 del self.optimizer.grad_scale, self.optimizer.found_inf
-        self.layout.zero_grad()
+        buffers.after_step()
 
-    def _segment_names(self, model: torch.nn.Module | None) -> list[str]:
-        names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
-        return [names.get(id(p), n) for b in self.layout.buffers for n, p in zip(b.names, b.params)]
+    def _optimizer_layout(self) -> FlatLayout | None:
+        layout = getattr(self.optimizer, "layout", None)
+        if layout is not None and not isinstance(layout, FlatLayout):
+            raise TypeError(f"optimizer.layout: expected a FlatLayout, got {type(layout).__name__}")
+        return layout
 
-    def _saw_backward(self, _param: torch.Tensor) -> None:
-        self._backward_seen = True
+    def _follow_optimizer(self) -> None:
+        """Rebuild the buffers when the optimizer's layout object or its param groups changed (checked at
+        every call), or its parameters or which of them need a gradient (checked at step boundaries)."""
+        layout = getattr(self.optimizer, "layout", None)
+        same = layout is self._layout
+        if same and layout is None:
+            same = len(self.optimizer.param_groups) == self._num_groups
+        if not same or (not self._launched and self._params_changed()):
+            self._rebuild(self._optimizer_layout())
+
+    def _params_changed(self) -> bool:
+        current = self._buffers.layout.params
+        if self._layout is None:
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            if len(params) != len(current) or any(p is not q for p, q in zip(params, current)):
+                return True
+            if self._buffers.layout.stale() is not None:
+                return True
+        return tuple(p.requires_grad for p in current) != self._buffers.trainable
+
+    def _rebuild(self, layout: FlatLayout | None) -> None:
+        """New buffers over ``layout`` (None: a private layout over the optimizer's groups), carrying the
+        current step over from the old ones."""
+        if self._pending is not None:
+            self._resolve()
+        groups = self.optimizer.param_groups
+        self._layout = layout  # the optimizer's layout followed, or None
+        self._num_groups = len(groups)
+        if layout is None:
+            layout = FlatLayout(_named_groups(groups), bind=False)
+        new = StepBuffers(layout)
+        old, self._buffers = self._buffers, new
+        if old is not None:
+            new.carry(old)
+            old.close()
+        rows = [b.num_segments for b in layout.buffers]
+        pin = self.read_lag == 1 and any(b.device.type == "cuda" for b in layout.buffers)
+        self._host_sums = torch.zeros(sum(rows), 4, dtype=torch.float32, pin_memory=pin)
+        self._host_rows = self._host_sums.split(rows)  # per buffer
+        self._host_scalars = torch.zeros(2, dtype=torch.float32, pin_memory=pin)  # loss, loss scale
+        names = [self._names.get(id(p), n) for b in layout.buffers for n, p in zip(b.names, b.params)]
+        self.policy.bind(names)
+        self._group = getattr(self.policy, "monitored", None)
 
     def _reset_step(self) -> None:
         self._sums = VarianceSums()
@@ -325,30 +414,40 @@ class GradientAccumulator:
         self._group = getattr(self.policy, "monitored", None)
         self._acc_empty = True
         self._launched = 0
+        self._scale = math.nan if self.scaler is not None else 1.0  # the step's loss scale, once read
+        self._estimates: tuple[float, float] | None = None
 
-    def _launch(self, samples: int, loss: torch.Tensor | float | None) -> None:
+    def _launch(self, samples: int, loss: torch.Tensor | float | None, fresh: list[Index]) -> None:
         """Back up ``A``, run the fused pass on every buffer and start the sums' trip to the host."""
-        if not self._acc_empty:
-            for acc, backup in zip(self._acc, self._backup):
-                backup.copy_(acc)
-        parts = [
-            ops.accumulate_(acc, b.grad, b.offsets, scale=samples, zero_grad=True, chunks=b.chunks)
-            for acc, b in zip(self._acc, self.layout.buffers)
-        ]
         lagged = self.read_lag == 1
-        row = 0
-        for part in parts:
-            self._host_sums[row : row + len(part)].copy_(part, non_blocking=lagged)
-            row += len(part)
-        if loss is not None:
-            self._host_loss.copy_(torch.as_tensor(loss).detach().reshape(()), non_blocking=lagged)
+        if math.isnan(self._scale):  # the step's first micro-batch under a scaler
+            self._host_scalars[1].copy_(amp.loss_scale(self.scaler), non_blocking=lagged)
+        buffers = self._buffers
+        if not self._acc_empty:
+            buffers.launch_backup()
+        sums: list[list[float]] | None = None if lagged else []
+        for part, rows in zip(buffers.accumulate(float(samples)), self._host_rows):
+            if lagged:
+                rows.copy_(part, non_blocking=True)
+            else:
+                sums += part.tolist()
+        value, host_loss = math.nan, False
+        if isinstance(loss, torch.Tensor):
+            loss = loss.detach()
+            if lagged:
+                self._host_scalars[0].copy_(loss.reshape(()), non_blocking=True)
+                host_loss = True
+            else:
+                value = loss.item()
+        elif loss is not None:
+            value = float(loss)
         events = []
-        for device in dict.fromkeys(p.device for p in parts if lagged and p.device.type == "cuda"):
-            events.append(torch.cuda.Event())
-            events[-1].record(torch.cuda.current_stream(device))
-        self._pending = _Pending(samples, loss is not None, self._acc_empty, events)
+        if lagged:
+            for device in dict.fromkeys(b.device for b in buffers.layout.buffers if b.device.type == "cuda"):
+                events.append(torch.cuda.Event())
+                events[-1].record(torch.cuda.current_stream(device))
+        self._pending = _Pending(samples, sums, value, host_loss, self._acc_empty, fresh, events)
         self._acc_empty = False
-        self._backward_seen = False
         self._launched += 1
 
     def _resolve(self) -> None:
@@ -356,25 +455,30 @@ class GradientAccumulator:
         pending, self._pending = self._pending, None
         for event in pending.events:
             event.synchronize()
-        sums = self._host_sums.double()
-        if not bool(torch.isfinite(sums[:, ops.GRAD_SQ]).all()):
-            for acc, backup in zip(self._acc, self._backup):
-                if pending.from_zero:
-                    acc.zero_()
-                else:
-                    acc.copy_(backup)
+        if math.isnan(self._scale):
+            self._scale = self._host_scalars[1].item()
+        sums = self._host_sums.tolist() if pending.sums is None else pending.sums
+        if self._scale != 1.0:
+            unscale = self._scale**-2  # every column is quadratic in the gradient
+            sums = [[x * unscale for x in row] for row in sums]
+        total = column_sums(sums)
+        if not (math.isfinite(total[ops.GRAD_SQ]) and math.isfinite(total[ops.ACC_NEW_SQ])):
+            self._buffers.roll_back(pending.from_zero)
             self._acc_empty = pending.from_zero
             self._nonfinite += 1
             logger.warning(
                 "non-finite gradient in micro-batch %d of step %d: dropped, accumulated state kept",
                 self._sums.micro_batches + self._nonfinite,
-                len(self.history),
+                self.steps,
             )
             return
-        loss = float(self._host_loss) if pending.has_loss else math.nan
-        self._sums.add(pending.samples, stats.grad_sq_norm(sums).item())
-        self._acc_sq = stats.acc_sq_norm(sums).item()
-        angle = stats.angle(sums).item()
+        self._buffers.commit(pending.fresh)
+        if self._estimates is None:  # from completed steps: constant within a step
+            self._estimates = (self.estimator.trace, self.estimator.noise_scale)
+        loss = self._host_scalars[0].item() if pending.host_loss else pending.loss
+        self._sums.add(pending.samples, total[ops.GRAD_SQ])
+        self._acc_sq = total[ops.ACC_NEW_SQ]
+        angle = sums_angle(total)
         if self._sums.micro_batches >= 2:
             self._angles.append(angle)
             self.last_angle = angle
@@ -388,23 +492,22 @@ class GradientAccumulator:
             sums=sums,
             angle=angle,
             loss=loss,
-            lr=float(self.optimizer.param_groups[0]["lr"]),
-            trace=self.estimator.trace,
-            noise_scale=self.estimator.noise_scale,
+            lr=_lr_value(self.optimizer.param_groups[0]),
+            trace=self._estimates[0],
+            noise_scale=self._estimates[1],
         )
         self._ready = self.policy.observe(obs) or self._ready
 
 
-def _rebind_grads(buf: FlatBuffer, grad: torch.Tensor) -> None:
-    """Make ``grad`` the buffer's flat gradient, with every ``p.grad`` a view into it."""
-    buf.grad = grad
-    for p, (lo, hi) in zip(buf.params, buf.bounds):
-        p.grad = grad[lo:hi].view_as(p)
+def _named_groups(groups: list[dict]) -> list[tuple[str, torch.Tensor]]:
+    """``(name, parameter)`` over param groups: ``param_names`` where the optimizer keeps them."""
+    pairs: list[tuple[str, torch.Tensor]] = []
+    for g, group in enumerate(groups):
+        names = group.get("param_names") or [f"group{g}.param{i}" for i in range(len(group["params"]))]
+        pairs.extend(zip(names, group["params"]))
+    return pairs
 
 
-def _set_lr(group: dict, lr: float) -> None:
-    """Set a param group's lr, in place when it is a tensor (capturable / fused optimizers)."""
-    if isinstance(group["lr"], torch.Tensor):
-        group["lr"].fill_(lr)
-    else:
-        group["lr"] = lr
+def _lr_value(group: dict) -> float:
+    lr = group["lr"]
+    return lr.item() if isinstance(lr, torch.Tensor) else float(lr)

@@ -1,4 +1,4 @@
-"""Gradient variance and noise scale from the fused accumulation sums (SPEC section 3).
+"""Gradient variance and noise scale from the fused accumulation sums (docs/algorithms.md).
 
 The accumulator adds each micro-batch's mean gradient ``g_k`` with ``scale = n_k`` (its sample count), so
 after ``K`` micro-batches it holds ``a = sum_k n_k g_k``, the sum of per-sample gradients, and the fused op
@@ -9,7 +9,7 @@ reports ``GRAD_SQ_k = n_k^2 |g_k|^2`` and ``ACC_NEW_SQ = |a|^2``. With ``N = sum
     |G_true|^2  ~= |a|^2 / N^2 - tr(Sigma) / N                     (unbiased)
     B_simple    =  tr(Sigma) / |G_true|^2                           (the gradient noise scale [McC18])
 
-This is the sample-size-weighted form: with equal ``n_k = b`` it is SPEC's ``b (sum |g_k|^2 - K|G|^2)/(K-1)``.
+This is the sample-size-weighted form: with equal ``n_k = b`` it is ``b (sum |g_k|^2 - K|G|^2)/(K-1)``.
 Single-step estimates are noisy (``|G_true|^2`` is often negative), so :class:`NoiseScaleEstimator` keeps
 bias-corrected exponential moving averages of ``tr(Sigma)`` and ``|G_true|^2`` and reports the ratio of
 the averages. Everything here is host arithmetic on a few floats per step.

@@ -1,4 +1,4 @@
-"""Learning rates that follow the batch size (SPEC section 5), relative to a reference point.
+"""Learning rates that follow the batch size (docs/algorithms.md), relative to a reference point.
 
 The reference is the optimizer's own learning rate ``lr0`` (per param group), taken to be right at batch
 size ``batch_ref``. A rule returns the factor that multiplies ``lr0`` for a step of ``B`` samples::
@@ -12,11 +12,20 @@ For ``sgd`` and ``surge``, ``lr_max = lr0 / f(B0)`` is calibrated once, at ``noi
 first usable noise-scale estimate), and from then on ``lr = lr_max * f(B)`` with the current
 ``B_noise``: the surge rule peaks at ``B = B_noise`` and the peak moves as the noise scale grows. Until a
 usable estimate exists (finite and positive) the factor is 1; afterwards the last usable one is kept.
+
+``lr0`` is whatever the optimizer's groups hold when the step is taken, so an LR scheduler (warm-up,
+cosine) keeps working: :func:`scaled_lrs` multiplies every group's lr by the factor for the optimizer's
+step only and then puts the scheduler's values back (a chained scheduler such as ``ExponentialLR``, which
+reads the current lr, never sees, and so never compounds, the factor).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
+
+import torch
 
 
 class LRRule:
@@ -107,6 +116,29 @@ class SurgeRule(_NoiseRule):
     def shape(batch_size: float, noise_scale: float) -> float:
         ratio = math.sqrt(noise_scale / batch_size)
         return 1.0 / (0.5 * (ratio + 1.0 / ratio))
+
+
+@contextlib.contextmanager
+def scaled_lrs(optimizer: torch.optim.Optimizer, factor: float) -> Iterator[None]:
+    """Within the block every param group's lr is ``factor`` times its own; restored exactly on exit.
+
+    A tensor lr (capturable / fused optimizers) is scaled and restored in place.
+    """
+    groups = optimizer.param_groups
+    saved = [g["lr"].clone() if isinstance(g["lr"], torch.Tensor) else g["lr"] for g in groups]
+    for group in groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].mul_(factor)
+        else:
+            group["lr"] = group["lr"] * factor
+    try:
+        yield
+    finally:
+        for group, lr in zip(groups, saved):
+            if isinstance(lr, torch.Tensor):
+                group["lr"].copy_(lr)
+            else:
+                group["lr"] = lr
 
 
 LR_RULES: dict[str, type[LRRule]] = {r.name: r for r in (SurgeRule, SGDRule, LinearRule, SqrtRule)}

@@ -17,30 +17,46 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import torch
-
 from dynbatch_kernels import stats
 from dynbatch_kernels.batching.estimators import StepEstimate
+from dynbatch_kernels.ops import ACC_DOT, ACC_NEW_SQ, ACC_OLD_SQ
 
 
 @dataclass(frozen=True)
 class Observation:
     """What a policy sees of micro-batch ``k`` of the current step (all host values).
 
-    ``sums`` are the fused op's float64 ``[S, 4]`` sums of this micro-batch over every segment of the
-    layout (buffers in order); ``angle`` is the whole-model angle (NaN for ``k = 1``); ``trace`` and
-    ``noise_scale`` are the accumulator's averaged estimates from completed steps (NaN before the first).
+    ``sums`` are the fused op's ``[S, 4]`` sums of this micro-batch, one row of floats per segment of the
+    layout (buffers in order; unscaled: a GradScaler's loss scale is divided out); ``angle`` is the
+    whole-model angle (NaN for ``k = 1``); ``lr`` is the first param group's lr as the scheduler set it
+    (before any LR rule's factor); ``trace`` and ``noise_scale`` are the accumulator's averaged estimates
+    from completed steps (NaN before the first).
     """
 
     micro_batch: int
     samples: int
     total_samples: int
-    sums: torch.Tensor
+    sums: list[list[float]]
     angle: float
     loss: float
     lr: float
     trace: float
     noise_scale: float
+
+
+def column_sums(rows: Sequence[Sequence[float]]) -> list[float]:
+    """The four columns of ``[S, 4]`` host sums added over their rows (segments)."""
+    return [sum(column) for column in zip(*rows)]
+
+
+def sums_angle(row: Sequence[float]) -> float:
+    """Host twin of :func:`~dynbatch_kernels.stats.angle` for one row ``[ACC_DOT, GRAD_SQ, ACC_OLD_SQ,
+    ACC_NEW_SQ]`` already read back: ``acos((|a|^2 + a.g) / sqrt(|a|^2 |a'|^2))`` in degrees, NaN when
+    ``|a| = 0`` (the first micro-batch) or the sums are not finite."""
+    norms = row[ACC_OLD_SQ] * row[ACC_NEW_SQ]
+    if not norms > 0 or math.isinf(norms):
+        return math.nan
+    return stats.angle_from_cosine((row[ACC_OLD_SQ] + row[ACC_DOT]) / math.sqrt(norms))
 
 
 @dataclass(frozen=True)
@@ -179,7 +195,7 @@ class AnglePolicy(BatchPolicy):
         self.tolerance, self.patience, self.guard_degrees = tolerance, patience, guard_degrees
         self.groups_spec, self.score_beta, self.score_all_groups = groups, score_beta, score_all_groups
         self.group_names: list[str] = []
-        self._members: torch.Tensor | None = None  # [groups, S] float64 0/1 membership
+        self._members: list[list[int]] | None = None  # per group: its segments (rows of the sums)
         self.weights: list[float] = []
         self.group = 0
         self._rng = random.Random(seed)
@@ -197,26 +213,30 @@ class AnglePolicy(BatchPolicy):
         return self.group_names[self.group] if self.group_names else None
 
     def bind(self, names: Sequence[str]) -> None:
+        """(Re)build the group membership. Called again when the optimizer's parameters change: weights
+        are kept by group name (a new group starts at 1.0); a change of the group set restarts the step's
+        rule and re-draws the monitored group."""
         if self.groups_spec is None:
             return
         spec = infer_groups(names) if self.groups_spec == "auto" else self.groups_spec
-        members = torch.zeros(len(spec), len(names), dtype=torch.float64)
-        for g, (group, entries) in enumerate(spec.items()):
-            for j, name in enumerate(names):
-                members[g, j] = float(any(name == e or name.startswith(e) for e in entries))
-            if not members[g].any():
+        members = []
+        for group, entries in spec.items():
+            members.append([j for j, name in enumerate(names) if any(name.startswith(e) for e in entries)])
+            if not members[-1]:
                 raise ValueError(f"groups: group {group!r} matches no parameter name (entries {entries})")
-        self.group_names, self._members = list(spec), members
-        self.weights = [1.0] * len(spec)
-        self._reset_step()
-        self._draw()
+        self._members = members
+        if list(spec) != self.group_names:
+            weights = dict(zip(self.group_names, self.weights))
+            self.group_names = list(spec)
+            self.weights = [weights.get(g, 1.0) for g in self.group_names]
+            self._reset_step()
+            self._draw()
 
     def decide(self, obs: Observation) -> bool:
         angle = obs.angle
         if self._members is not None:
-            sums = self._members @ obs.sums  # [groups, 4]
-            for g in range(len(self.group_names)):
-                self.group_angles[g].append(stats.angle(sums[g : g + 1]).item())
+            for g, rows in enumerate(self._members):
+                self.group_angles[g].append(sums_angle(column_sums([obs.sums[j] for j in rows])))
             angle = self.group_angles[self.group][-1]
         if math.isnan(angle):  # k = 1: no previous direction
             return False

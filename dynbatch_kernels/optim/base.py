@@ -1,8 +1,33 @@
 """FlatOptimizer: ``torch.optim.Optimizer`` plumbing for optimizers whose step is fused flat-buffer ops.
 
-The parameters live in a :class:`~dynbatch_kernels.FlatLayout` (one flat buffer per (device, dtype)); the
-optimizer keeps its per-element state in flat buffers beside each layout buffer, and ``self.state[p]``
-holds views into them, so ``state_dict()`` is the standard per-parameter format and needs no override.
+The ops run on a :class:`~dynbatch_kernels.FlatLayout`: one flat buffer per (device, dtype) of the
+parameters, one of their gradients. By default the optimizer builds a private one (``bind=False``), so
+``p.data`` and ``p.grad`` stay where the user and torch put them, and each step
+
+1. gathers the gradients: one copy of each ``p.grad`` that is not the layout's view; a parameter whose
+   ``p.grad`` is ``None`` (or with ``requires_grad=False``) is skipped: no update, no state change;
+2. gathers the parameters likewise and follows changes made to them outside the optimizer (below);
+3. runs the fused ops over the flat buffers;
+4. scatters the parameters back: one copy of each that is not the layout's view.
+
+The private layout costs two model-sized buffers (the copies of the parameters and gradients) and 24
+bytes per float32 element and step (gather ``g`` and ``w``, scatter ``w``).
+
+A caller's layout built with ``bind=True`` (``layout=...``) keeps the zero-copy path: the parameters and
+gradients that are its views are used in place. The per-element state lives in flat buffers beside each
+layout buffer and ``self.state[p]`` holds views into them, so ``state_dict()`` is torch's per-parameter
+format.
+
+Changes from outside: after each of its own writes the optimizer records every parameter's ``(data_ptr,
+_version)``; a parameter whose pair differs at the next step was changed by someone else (``p.data =
+...``, ``model.load_state_dict``, an in-place op). Its float32 master copy (bfloat16/float16 parameters)
+then follows it, unless the parameter still equals the master rounded to its dtype (a checkpoint loads
+both; a master is never rounded by the optimizer's own writes). torch does not version in-place writes
+through ``p.data``: after one to a bfloat16/float16 parameter, call :meth:`sync_master_weights`. A
+parameter whose device, dtype or shape changed (``model.half()``, ``.to(...)``) rebuilds the private
+layout, its state carried over (cast; a master copy created for a parameter that became bfloat16/float16;
+restarted for one whose size changed). Subclasses follow outside changes of their own copies too
+(:meth:`_follow`).
 
 A subclass provides:
 
@@ -10,20 +35,23 @@ A subclass provides:
 - ``hyper_row(group)``: one row of its per-segment hyper-parameter table per param
   group (``group=None``: the row of a segment the step must leave untouched);
 - ``check_group(group, where)``: validation of one group's hyper-parameters (``where`` prefixes the names
-  in the errors, e.g. ``"param_groups[1]."``); it runs before anything is allocated or appended;
-- ``step()``, which calls its ops with :meth:`_prepare` (the flat states with fresh hyper tables) and
-  :meth:`_amp_scalars` (the GradScaler's tensors).
+  in the errors, e.g. ``"param_groups[1]."``); it runs at construction, in ``add_param_group`` and at
+  every step (host values only), before anything is written;
+- ``step()``, which calls :meth:`_prepare` (the flat states, gathered, with fresh hyper tables), its ops,
+  then :meth:`_publish`; :meth:`_amp_scalars` gives the GradScaler's tensors.
 
-It gets: layout ownership or reuse of the caller's, ``add_param_group`` at any time, an exact
-``load_state_dict`` (values copied into the flat buffers, never cast to the parameter dtype as
-``torch.optim`` does, so float32 state of bfloat16 parameters loads bit-exactly), ``zero_grad`` that keeps
-the gradient views, float32 master weights for bfloat16/float16 parameters, per-segment step counts
-(``state[p]["step"]``), and the GradScaler protocol (``_step_supports_amp_scaling``: the scaler sets
-``self.grad_scale`` and ``self.found_inf`` for the duration of ``step()``).
+It gets: ``add_param_group`` at any time, an exact ``load_state_dict`` (values copied into the flat
+buffers, never cast to the parameter dtype as ``torch.optim`` does, so float32 state of bfloat16
+parameters loads bit-exactly), float32 master weights for bfloat16/float16 parameters, per-segment step
+counts (``state[p]["step"]``), ``maximize`` (the gathered gradient negated), pickling and
+``copy.deepcopy`` (the layout rebuilt from ``param_groups``), and the GradScaler protocol
+(``_step_supports_amp_scaling``: the scaler sets ``self.grad_scale`` and ``self.found_inf`` for the
+duration of ``step()``).
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterable
 from copy import deepcopy
 from dataclasses import dataclass, field
@@ -33,7 +61,7 @@ from typing import Any, ClassVar
 import torch
 
 from dynbatch_kernels.checks import GRAD_DTYPES
-from dynbatch_kernels.layout import FlatBuffer, FlatLayout
+from dynbatch_kernels.layout import FlatBuffer, FlatLayout, check_params
 
 #: The state entry holding the float32 master copy of a bfloat16/float16 parameter.
 MASTER = "master_param"
@@ -46,14 +74,17 @@ class FlatState:
 
     ``tensors``: flat per-element state (``MASTER`` included when kept); ``step``: float32 ``[S]`` steps
     per segment; ``groups``: the param group of each segment (-1: not optimized by this optimizer);
-    ``hyper``: the ``[S, len(hyper_row(...))]`` device table, rebuilt when ``key`` (what it was built
-    from) changes.
+    ``marks``: each parameter's ``(data_ptr, _version)`` as the optimizer's last write left it; ``index``:
+    the hyper row each segment got in the current call (its group, or -1: left untouched); ``hyper``: the
+    ``[S, len(hyper_row(...))]`` device table, rebuilt when ``key`` (what it was built from) changes.
     """
 
     buffer: FlatBuffer
     tensors: dict[str, torch.Tensor]
     step: torch.Tensor
     groups: list[int]
+    marks: list[tuple[int, int]] = field(default_factory=list, repr=False)
+    index: tuple[int, ...] = ()
     hyper: torch.Tensor | None = None
     key: tuple = field(default=(), repr=False)
 
@@ -66,18 +97,19 @@ class FlatOptimizer(torch.optim.Optimizer):
     """Base class: see the module docstring. Keyword arguments of subclasses:
 
     Args:
-        layout: a :class:`FlatLayout` to reuse (it must contain every parameter of the optimizer; segments
-            of other parameters are left untouched); by default the optimizer builds its own, which
-            rebinds ``p.data`` and ``p.grad`` as views into flat buffers (build it before the first
-            backward, or the gradients are copied in).
+        layout: a :class:`FlatLayout` to work on instead of a private one. It must contain every parameter
+            of the optimizer (segments of other parameters are left untouched); parameters and gradients
+            that are its views (``bind=True``, its default) are used in place, without copies. It cannot
+            follow a parameter's change of device, dtype or shape (the step raises; a private layout is
+            rebuilt). Pickling and ``copy.deepcopy`` give an optimizer with a private layout.
         master_weights: keep a float32 master copy of bfloat16/float16 parameters (default: yes). The
-            step updates the master and rounds it into the parameters, so updates smaller than the
-            parameter's precision still accumulate. The copy is taken at construction and restored by
-            :meth:`load_state_dict`; after changing parameters any other way, call
-            :meth:`sync_master_weights`.
+            step updates the master and rounds it into the parameter, so updates smaller than the
+            parameter's precision still accumulate.
     """
 
     state_dtypes: ClassVar[dict[str, torch.dtype | None]] = {}
+    #: Attributes that pickling and ``copy.deepcopy`` carry besides torch's three.
+    pickled: ClassVar[tuple[str, ...]] = ("master_weights",)
     _step_supports_amp_scaling = True
 
     def __init__(
@@ -95,8 +127,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         self.check_group(defaults, "")
         self._layout, self._owns_layout = layout, layout is None
         self.master_weights = master_weights
-        self.flat_states: list[FlatState] = []
-        self._built = False
+        self._init_flat()
         super().__init__(params, defaults)
         self._build()
         self._built = True
@@ -113,13 +144,16 @@ class FlatOptimizer(torch.optim.Optimizer):
 
     @property
     def layout(self) -> FlatLayout:
-        """The layout holding every parameter of this optimizer."""
+        """The layout holding every parameter of this optimizer (the private one is rebuilt first when a
+        parameter changed device, dtype or size: hold the optimizer, not the layout, across such changes).
+        """
+        self._refresh()
         assert self._layout is not None
         return self._layout
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Validate and add a group. Its parameters must be in a caller's layout; an owned layout is rebuilt
-        over all parameters (state kept), which rebinds every ``p.data`` / ``p.grad`` to new buffers."""
+        """Validate and add a group. Its parameters must be in a caller's layout; a private layout is rebuilt
+        over all parameters (state kept)."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group: expected a dict, got {type(param_group).__name__}")
         settings = {k: v for k, v in param_group.items() if k != "params"}
@@ -132,20 +166,12 @@ class FlatOptimizer(torch.optim.Optimizer):
                 self.param_groups.pop()
                 raise
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the layout's flat gradient buffers and re-point any ``p.grad`` that is no longer its view
-        (e.g. after ``model.zero_grad()``); ``set_to_none`` is ignored: the gradients stay views."""
-        for buf in self.layout.buffers:
-            buf.grad.zero_()
-            for p, (lo, hi) in zip(buf.params, buf.bounds):
-                view = buf.grad[lo:hi].view_as(p)
-                if p.grad is None or p.grad.data_ptr() != view.data_ptr():
-                    p.grad = view
-
     @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict`: hyper-parameters into ``param_groups``, state copied into the flat
-        buffers. Every check runs before anything is written; load-state-dict hooks run as in torch."""
+        buffers (``master_param`` may be missing, or present for a parameter kept without one: the master
+        then follows the parameter). Every check runs before anything is written; load-state-dict hooks
+        run as in torch. The parameters as they are at the next step go with the loaded state."""
         state_dict = state_dict.copy()
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
@@ -169,13 +195,16 @@ class FlatOptimizer(torch.optim.Optimizer):
         unknown = set(state_dict["state"]) - set(ids)
         if unknown:
             raise ValueError(f"state_dict: state for unknown parameter ids {sorted(unknown)[:4]}")
+        self._refresh()
         copies = []
         for pid, p in zip(ids, params):
             target, saved = self.state[p], state_dict["state"].get(pid)
-            if saved is None or set(saved) != set(target):
+            if saved is None or set(saved) - {MASTER} != set(target) - {MASTER}:
                 got = "nothing" if saved is None else sorted(saved)
                 raise ValueError(f"state_dict: expected state[{pid}] with keys {sorted(target)}, got {got}")
             for key, value in saved.items():
+                if key not in target:
+                    continue
                 value = torch.as_tensor(value)
                 if value.numel() != target[key].numel() or (key != "step" and value.shape != p.shape):
                     raise ValueError(
@@ -193,37 +222,84 @@ class FlatOptimizer(torch.optim.Optimizer):
             if "param_names" in group and "param_names" not in saved:
                 saved["param_names"] = group["param_names"]
         self.param_groups = saved_groups
+        self._loaded = True
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
     @torch.no_grad()
     def sync_master_weights(self) -> None:
-        """Copy the parameters into their float32 master copies (after changing them another way)."""
+        """Copy the parameters into their float32 master copies. Needed only after an in-place write
+        through ``p.data``, which torch does not version; other changes are followed at the next step."""
+        self._refresh()
         for st in self.flat_states:
             if st.master is not None:
+                st.buffer.gather_data()
                 st.master.copy_(st.buffer.data)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """torch's ``defaults``, ``param_groups`` and ``state`` (compact copies, not views of the flat
+        buffers), and :attr:`pickled`; the layout (private, also if a caller's was used) and the flat
+        state are rebuilt on loading."""
+        state = defaultdict(dict, {p: {k: v.clone() for k, v in s.items()} for p, s in self.state.items()})
+        carried = {name: getattr(self, name) for name in self.pickled}
+        return {"defaults": self.defaults, "param_groups": self.param_groups, "state": state, **carried}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._layout, self._owns_layout = None, True
+        self._init_flat()
+        self._build()
+        self._built = True
 
     # ---- for step() ----
 
     def _prepare(self) -> list[FlatState]:
-        """Check the gradient views; refresh the per-segment hyper tables (host -> device on change only)."""
-        self.layout.check_grads()
+        """Bring the flat buffers up to date for one call: validate the hyper-parameters (schedulers and
+        users write them between steps), refresh the layout (:meth:`_refresh`), gather the parameters
+        (following outside changes) and the gradients, pick each segment's hyper row (untouched without a
+        gradient), negate the gradients of ``maximize`` groups, and refresh the hyper tables (host ->
+        device only when they change)."""
+        for g, group in enumerate(self.param_groups):
+            self.check_group(group, f"param_groups[{g}].")
         rows = [self.hyper_row(group) for group in self.param_groups] + [self.hyper_row(None)]
         key_rows = tuple(map(tuple, rows))
+        self._gather_params(self._refresh())
         for st in self.flat_states:
-            # index -1 (not optimized, or requires_grad=False) picks the last row: hyper_row(None)
-            index = tuple(g if p.requires_grad else -1 for g, p in zip(st.groups, st.buffer.params))
-            if (key_rows, index) == st.key:
+            present = st.buffer.gather_grads()
+            # -1 (not optimized, no gradient, or requires_grad=False) picks the last row: hyper_row(None)
+            steps = [has and p.requires_grad for has, p in zip(present, st.buffer.params)]
+            st.index = tuple(g if on else -1 for g, on in zip(st.groups, steps))
+            self._negate_maximized(st)
+            if (key_rows, st.index) == st.key:
                 continue
-            table = torch.tensor(rows, dtype=torch.float32)[torch.tensor(index, dtype=torch.int64)]
+            table = torch.tensor(rows, dtype=torch.float32)[torch.tensor(st.index, dtype=torch.int64)]
             if st.hyper is None:
                 st.hyper = table.to(st.buffer.device)
             else:
                 if st.hyper.device.type == "cuda":
                     table = table.pin_memory()
                 st.hyper.copy_(table, non_blocking=True)
-            st.key = (key_rows, index)
+            st.key = (key_rows, st.index)
         return self.flat_states
+
+    @torch.no_grad()
+    def _publish(self) -> None:
+        """After the optimizer's own writes to the flat parameters: copy them into the parameters that are
+        not views, and record what it left there (see :meth:`_moved`)."""
+        for st in self.flat_states:
+            st.buffer.scatter_data()
+            st.marks = _marks(st.buffer.params)
+
+    @torch.no_grad()
+    def _negate_maximized(self, st: FlatState) -> None:
+        """Negate the flat gradient of the segments stepped in a ``maximize`` group (called again to undo).
+        With a caller's bound layout that is the user's ``p.grad`` view, negated for the step's duration."""
+        if not any(group["maximize"] for group in self.param_groups):
+            return
+        for j, g in enumerate(st.index):
+            if g >= 0 and self.param_groups[g]["maximize"]:
+                lo, hi = st.buffer.bounds[j]
+                st.buffer.grad[lo:hi].neg_()
 
     def _amp_scalars(self, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(1 / grad_scale, found_inf)`` on ``device`` as the GradScaler set them for this step, or None."""
@@ -233,16 +309,77 @@ class FlatOptimizer(torch.optim.Optimizer):
         found = None if found_inf is None else found_inf.to(device, torch.float32)
         return inv, found
 
+    @torch.no_grad()
+    def _gather_params(self, moved: list[list[int]]) -> None:
+        """Copy the parameters that are not views into the flat buffers; follow those ``moved`` (per flat
+        state, from :meth:`_refresh`; all of them after :meth:`load_state_dict`)."""
+        for st, segments in zip(self.flat_states, moved):
+            st.buffer.gather_data()
+            if self._loaded:
+                segments = list(range(st.buffer.num_segments))
+            if segments:
+                self._follow(st, segments)
+        self._loaded = False
+
+    @staticmethod
+    def _moved(st: FlatState) -> list[int]:
+        """Segments whose parameter changed outside the optimizer since its last write."""
+        now = _marks(st.buffer.params)
+        if now == st.marks:
+            return []
+        return [j for j, (mark, left) in enumerate(zip(now, st.marks)) if mark != left]
+
+    @torch.no_grad()
+    def _follow(self, st: FlatState, moved: list[int]) -> None:
+        """The master copies of the ``moved`` segments follow their parameters where these no longer equal
+        the master rounded to their dtype (no host synchronisation). Subclasses extend it."""
+        if st.master is None:
+            return
+        for j in moved:
+            lo, hi = st.buffer.bounds[j]
+            param, master = st.buffer.data[lo:hi], st.master[lo:hi]
+            master.copy_(torch.where((param != master.to(param.dtype)).any(), param, master))
+
     # ---- construction ----
 
-    def _build(self) -> None:
-        """Make the layout cover every parameter, allocate the flat state, point ``self.state`` into it."""
+    def _init_flat(self) -> None:
+        self.flat_states: list[FlatState] = []
+        self._loaded = False
+        self._built = False
+
+    def _refresh(self) -> list[list[int]]:
+        """Per flat state, the segments whose parameter changed outside the optimizer since its last write
+        (:meth:`_moved`). If one of them no longer fits its segment (device, dtype, shape), the private
+        layout is rebuilt first (a caller's layout cannot follow: raise)."""
+        moved = [self._moved(st) for st in self.flat_states]
+        recast = [
+            (st.buffer, j) for st, js in zip(self.flat_states, moved) for j in js if st.buffer.is_stale(j)
+        ]
+        if not recast:
+            return moved
+        if not self._owns_layout:
+            buf, j = recast[0]
+            raise RuntimeError(
+                f"{buf.names[j]}: its device, dtype or shape changed after the optimizer's layout was built; "
+                "a caller's FlatLayout cannot follow: build a new layout and optimizer, or let the optimizer "
+                "own its layout (it follows such changes)"
+            )
+        self._layout = None
+        self._build(recast={id(buf.params[j]) for buf, j in recast})
+        return [self._moved(st) for st in self.flat_states]
+
+    def _build(self, recast: frozenset[int] | set[int] = frozenset()) -> None:
+        """Make the layout cover every parameter, allocate the flat state, point ``self.state`` into it and
+        carry over the state held so far (cast; restarted for a parameter whose size changed). The
+        parameters whose ids are in ``recast`` changed device or dtype: not an outside change."""
         params = [p for group in self.param_groups for p in group["params"]]
+        check_params([(f"params[{i}]", p) for i, p in enumerate(params)])
         for p in params:
             if p.dtype not in GRAD_DTYPES:
                 names = ", ".join(str(d) for d in GRAD_DTYPES)
                 raise TypeError(f"params: expected parameters of dtype in ({names}), got {p.dtype}")
         previous = {p: dict(self.state[p]) for p in params if p in self.state}
+        left = {id(p): mark for st in self.flat_states for p, mark in zip(st.buffer.params, st.marks)}
         layout = self._layout
         missing = [p for p in params if layout is None or not _contains(layout, p)]
         if missing and not self._owns_layout:
@@ -252,9 +389,12 @@ class FlatOptimizer(torch.optim.Optimizer):
             )
         if missing:
             layout = FlatLayout(
-                (name, p)
-                for g, group in enumerate(self.param_groups)
-                for name, p in zip(group.get("param_names", _default_names(g, group)), group["params"])
+                (
+                    (name, p)
+                    for g, group in enumerate(self.param_groups)
+                    for name, p in zip(group.get("param_names", _default_names(g, group)), group["params"])
+                ),
+                bind=False,
             )
         group_of = {id(p): g for g, group in enumerate(self.param_groups) for p in group["params"]}
         self._layout = layout
@@ -266,8 +406,13 @@ class FlatOptimizer(torch.optim.Optimizer):
                     self.state[p] = {"step": st.step[j], **views}
         with torch.no_grad():
             for p, old in previous.items():
-                for key, value in old.items():
-                    self.state[p][key].copy_(value)
+                new = self.state[p]
+                if all(value.numel() == new[key].numel() for key, value in old.items() if key in new):
+                    for key in old.keys() & new.keys():
+                        new[key].copy_(old[key].reshape(new[key].shape))
+        for st in self.flat_states:
+            now = _marks(st.buffer.params)
+            st.marks = [m if id(p) in recast else left.get(id(p), m) for p, m in zip(st.buffer.params, now)]
 
     def _new_state(self, buf: FlatBuffer, group_of: dict[int, int]) -> FlatState:
         n, device = buf.data.numel(), buf.device
@@ -283,6 +428,11 @@ class FlatOptimizer(torch.optim.Optimizer):
             step=torch.zeros(buf.num_segments, dtype=torch.float32, device=device),
             groups=[group_of.get(id(p), -1) for p in buf.params],
         )
+
+
+def _marks(params: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """What changes when anyone but the optimizer writes a parameter (except in place through ``p.data``)."""
+    return [(p.data_ptr(), p._version) for p in params]
 
 
 def _contains(layout: FlatLayout, param: torch.Tensor) -> bool:

@@ -52,8 +52,8 @@ class ExtrapSGD(FlatOptimizer):
       :meth:`swap_to_iterate`. The extrapolation for step ``t+1`` uses the extrapolation lr in effect when
       ``step()`` runs at step ``t`` (an LR scheduler stepping after ``step()`` reaches it one step later).
 
-    Relation to [Lin20] (Lin, Kong, Stich, Jaggi, ICML 2020, arXiv 2006.05720; only its abstract was at
-    hand when this was written, so the reading below is to be checked against its Algorithm 1): EXTRAP-SGD
+    Relation to [Lin20] (Lin, Kong, Stich, Jaggi, ICML 2020, arXiv 2006.05720; see
+    docs/algorithms.md#extrapolated-sgd): EXTRAP-SGD
     takes a local extrapolation step along each worker's own mini-batch gradient (no communication), and
     applies the all-reduced gradient at the extrapolated points from ``w_t`` with (Nesterov) momentum SGD;
     the unified framework also extrapolates along the previous gradient ("from the past", one gradient per
@@ -71,8 +71,9 @@ class ExtrapSGD(FlatOptimizer):
         weight_decay: ``lam >= 0``, L2 weight decay.
         extrapolation_lr: ``gamma >= 0``; ``None`` follows the group's ``lr`` (and so its schedule).
         mode: ``"local"`` or ``"past"`` (see above).
-        layout: see :class:`~dynbatch_kernels.optim.base.FlatOptimizer` (reuse a caller's layout; by default
-            one is built, rebinding ``p.data`` / ``p.grad`` as flat-buffer views).
+        maximize: ascend (every gradient negated, the extrapolation direction too), as in torch.optim.
+        layout: see :class:`~dynbatch_kernels.optim.base.FlatOptimizer` (a caller's layout to work on; by
+            default a private one: ``p.data`` and ``p.grad`` stay the user's).
 
     State per parameter (views into flat buffers; ``state_dict()["state"][i]``): ``"iterate"``, ``w_t`` in
     the parameter's dtype and shape, the point updates start from (between ``extrapolate()`` and
@@ -81,7 +82,22 @@ class ExtrapSGD(FlatOptimizer):
     is ``{"mode": ..., "extrapolated": bool}``. Saving the model and this state together (outside
     :meth:`swap_to_iterate`) and loading both into a fresh model and optimizer resumes bit-identically.
 
-    Parameters with ``requires_grad=False`` are left untouched. There are no float32 master weights (the
+    Like a ``torch.optim`` optimizer it leaves ``p.data`` and ``p.grad`` where they are (``extrapolate()``,
+    ``step()`` and :meth:`swap_to_iterate` write the parameters in place), skips a parameter whose ``p.grad``
+    is ``None`` (in local mode: without a gradient at ``w_t`` it is not moved; without one at ``u_t`` it
+    returns to ``w_t``; its momentum and step count stay), follows a device or dtype change of the
+    parameters (``model.half()``: the iterate is cast), checks its hyper-parameters at every step, pickles
+    and deep-copies. A parameter changed from outside while the model holds ``u`` (past mode, or between
+    ``extrapolate()`` and ``step()``) restarts from its new value (its iterate becomes it), unless the
+    optimizer state was loaded since: a checkpoint's parameters go with its iterate.
+
+    Differences from torch.optim by design: ``lr`` is required (as in ``torch.optim.SGD`` before 2.2);
+    local mode needs two gradients per step (``extrapolate()`` between the backward passes, or a closure
+    called twice); ``extrapolate()`` clears the gradients (views of the flat buffer are zeroed, other
+    ``p.grad`` set to ``None``); past mode leaves the model at ``u`` between steps; parameters with
+    ``requires_grad=False`` are left untouched even with a ``.grad``; the state tensors are views into flat
+    buffers; there are no ``foreach`` / ``fused`` / ``capturable`` / ``differentiable`` / ``dampening``
+    options; DTensor (FSDP2) and complex parameters are refused. There are no float32 master weights (the
     iterate is kept in the parameter's dtype: bfloat16 parameters lose updates below their precision), and
     GradScaler takes its ordinary path (it unscales ``p.grad`` in place and skips ``step()`` on overflow),
     which fits past mode; local mode's first gradient would not be unscaled, so use it without GradScaler.
@@ -91,6 +107,7 @@ class ExtrapSGD(FlatOptimizer):
         "iterate": None,
         "momentum_buffer": torch.float32,
     }
+    pickled = (*FlatOptimizer.pickled, "mode", "_extrapolated", "_swapped")
     _step_supports_amp_scaling = False
 
     def __init__(
@@ -103,6 +120,7 @@ class ExtrapSGD(FlatOptimizer):
         extrapolation_lr: float | None = None,
         mode: str = "local",
         *,
+        maximize: bool = False,
         layout: FlatLayout | None = None,
     ):
         if mode not in MODES:
@@ -116,6 +134,7 @@ class ExtrapSGD(FlatOptimizer):
             "nesterov": nesterov,
             "weight_decay": weight_decay,
             "extrapolation_lr": extrapolation_lr,
+            "maximize": maximize,
         }
         super().__init__(params, defaults, layout=layout, master_weights=False)
 
@@ -123,8 +142,8 @@ class ExtrapSGD(FlatOptimizer):
 
     @torch.no_grad()
     def extrapolate(self) -> None:
-        """Local mode: save ``w_t``, move the parameters to ``u_t = w_t - gamma (grad + lam w_t)`` and zero
-        the gradient (one fused pass per buffer): after the backward at ``w_t``, before the one at ``u_t``.
+        """Local mode: save ``w_t``, move the parameters to ``u_t = w_t - gamma (grad + lam w_t)`` and clear
+        the gradients (one fused pass per buffer): after the backward at ``w_t``, before the one at ``u_t``.
         """
         self._check_not_swapped("extrapolate()")
         if self.mode != "local":
@@ -148,7 +167,12 @@ class ExtrapSGD(FlatOptimizer):
                 zero_direction=True,
                 chunks=buf.chunks,
             )
+            _copy_segments(st.tensors["iterate"], buf.data, buf, _skipped(st))  # not moved: u = w
+            for j, p in enumerate(buf.params):
+                if st.groups[j] >= 0 and not buf.grad_is_view(j):
+                    p.grad = None
         self._extrapolated = True
+        self._publish()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
@@ -185,7 +209,11 @@ class ExtrapSGD(FlatOptimizer):
                 chunks=buf.chunks,
             )
             st.step.add_(st.hyper[:, ops.EXTRAP_ACTIVE])
+            self._negate_maximized(st)  # the gradient as it was
+            if self.mode == "local":
+                _copy_segments(buf.data, st.tensors["iterate"], buf, _skipped(st))  # back to w
         self._extrapolated = False
+        self._publish()
         return loss
 
     @contextlib.contextmanager
@@ -195,11 +223,13 @@ class ExtrapSGD(FlatOptimizer):
         """
         self._check_not_swapped("swap_to_iterate()")
         stash = []
-        if self.mode == "past" or self._extrapolated:
+        if self._holds_extrapolated():
+            self._gather_params(self._refresh())
             with torch.no_grad():
                 for st in self.flat_states:
                     stash.append(st.buffer.data.clone())
-                    _load_iterate(st)
+                    _copy_segments(st.buffer.data, st.tensors["iterate"], st.buffer, _updated(st))
+            self._publish()
         self._swapped = True
         try:
             yield
@@ -207,6 +237,8 @@ class ExtrapSGD(FlatOptimizer):
             with torch.no_grad():
                 for st, u in zip(self.flat_states, stash):
                     st.buffer.data.copy_(u)
+            if stash:
+                self._publish()
             self._swapped = False
 
     # ---- FlatOptimizer hooks and torch.optim.Optimizer API ----
@@ -214,8 +246,6 @@ class ExtrapSGD(FlatOptimizer):
     def hyper_row(self, group: dict[str, Any] | None) -> list[float]:
         if group is None:
             return ops.extrap_hyper_row(lr=0.0, extrapolation_lr=0.0, active=False)
-        index = next((i for i, g in enumerate(self.param_groups) if g is group), None)
-        self.check_group(group, f"param_groups[{index}].")  # schedulers write lr between steps
         gamma = group["extrapolation_lr"]
         return ops.extrap_hyper_row(
             lr=_real(group["lr"]),
@@ -242,8 +272,9 @@ class ExtrapSGD(FlatOptimizer):
         number("weight_decay", lambda v: math.isfinite(v) and v >= 0.0, "a finite float >= 0")
         if group["extrapolation_lr"] is not None:
             number("extrapolation_lr", lambda v: math.isfinite(v) and v >= 0.0, "None or a finite float >= 0")
-        if not isinstance(group["nesterov"], bool):
-            raise TypeError(f"{where}nesterov: expected a bool, got {group['nesterov']!r}")
+        for flag in ("nesterov", "maximize"):
+            if not isinstance(group[flag], bool):
+                raise TypeError(f"{where}{flag}: expected a bool, got {group[flag]!r}")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As :meth:`FlatOptimizer.add_param_group`; the new parameters' iterate starts at their values."""
@@ -269,6 +300,21 @@ class ExtrapSGD(FlatOptimizer):
         super().load_state_dict(state_dict)
         self._extrapolated = bool(extra["extrapolated"])
 
+    def __getstate__(self) -> dict[str, Any]:
+        self._check_not_swapped("pickling or copy.deepcopy")
+        return super().__getstate__()
+
+    def _follow(self, st: FlatState, moved: list[int]) -> None:
+        """While the model holds ``u``, a parameter changed from outside becomes its iterate (unless the state
+        was just loaded: the checkpoint's parameters go with its iterate)."""
+        if self._holds_extrapolated() and not self._loaded:
+            ours = [j for j in moved if st.groups[j] >= 0]
+            _copy_segments(st.tensors["iterate"], st.buffer.data, st.buffer, ours)
+
+    def _holds_extrapolated(self) -> bool:
+        """Whether the parameters hold ``u`` (and the iterate ``w`` is the optimizer's)."""
+        return self.mode == "past" or self._extrapolated
+
     def _new_state(self, buf: FlatBuffer, group_of: dict[int, int]) -> FlatState:
         st = super()._new_state(buf, group_of)
         st.tensors["iterate"].copy_(buf.data)  # w_0 (past mode: u_0 = w_0); kept parameters get theirs back
@@ -279,16 +325,24 @@ class ExtrapSGD(FlatOptimizer):
             raise RuntimeError(f"{what}: not allowed inside swap_to_iterate(); leave the block first")
 
 
-def _load_iterate(st: FlatState) -> None:
-    """Parameters <- iterate in the segments the optimizer updates (the others keep their values)."""
-    data, iterate = st.buffer.data, st.tensors["iterate"]
-    updated = [g >= 0 and p.requires_grad for g, p in zip(st.groups, st.buffer.params)]
-    if all(updated):
-        data.copy_(iterate)
+def _updated(st: FlatState) -> list[int]:
+    """Segments the optimizer updates: its parameters that require a gradient."""
+    return [j for j, (g, p) in enumerate(zip(st.groups, st.buffer.params)) if g >= 0 and p.requires_grad]
+
+
+def _skipped(st: FlatState) -> list[int]:
+    """Segments the optimizer updates but left untouched in the last call (no gradient)."""
+    return [j for j in _updated(st) if st.index[j] < 0]
+
+
+def _copy_segments(dst: torch.Tensor, src: torch.Tensor, buf: FlatBuffer, segments: list[int]) -> None:
+    """``dst <- src`` (flat, the buffer's length) over ``segments``."""
+    if len(segments) == buf.num_segments:
+        dst.copy_(src)
         return
-    for on, (lo, hi) in zip(updated, st.buffer.bounds):
-        if on:
-            data[lo:hi].copy_(iterate[lo:hi])
+    for j in segments:
+        lo, hi = buf.bounds[j]
+        dst[lo:hi].copy_(src[lo:hi])
 
 
 def _real(value: float | torch.Tensor) -> float:

@@ -45,6 +45,7 @@ class FusedLAMB(FlatOptimizer):
         always_adapt: apply the trust ratio in groups with ``weight_decay == 0`` too.
         max_grad_norm: clip the gradient by its global norm (``None``: no clipping).
         bias_correction: divide by ``1 - beta^t``.
+        maximize: ascend (the gradient negated), as in torch.optim.
         layout, master_weights: see :class:`~dynbatch_kernels.optim.base.FlatOptimizer`. bfloat16/float16
             parameters get a float32 master copy by default.
 
@@ -57,23 +58,38 @@ class FusedLAMB(FlatOptimizer):
     ``found_inf`` skips the step on the device with everything untouched (no host synchronisation).
     ``last_stats`` / :attr:`last_trust_ratios` give the ratios of the last step for logging.
 
+    Like a ``torch.optim`` optimizer it leaves ``p.data`` and ``p.grad`` where they are (a private flat
+    layout, gathered and scattered each step; see :class:`~dynbatch_kernels.optim.base.FlatOptimizer`),
+    skips parameters whose ``p.grad`` is ``None``, follows parameters changed from outside (``p.data =``,
+    ``model.load_state_dict``, ``model.half()``), checks its hyper-parameters at every step, pickles and
+    deep-copies. ``zero_grad()`` is torch's.
+
     Differences from timm's ``Lamb`` (checked against it in the tests) and apex's ``FusedLAMB``:
     ``trust_clip`` is a range, not timm's flag (timm's ``True`` is ``(0.0, 1.0)``), and where ``|w|`` or
     ``|u|`` is 0 the ratio is 1, unclipped; ``max_grad_norm`` defaults to ``None`` (timm and apex: 1.0) and
     is read per group (both read it from the defaults), the norm itself staying global; the step count is
-    kept per parameter (timm: per group, counting steps where the group had no gradient); ``always_adapt``
-    is apex's ``use_nvlamb``. Parameters with ``requires_grad=False`` are left untouched (torch skips a
-    ``None`` gradient); every other parameter is updated, with a zero gradient where the backward did not
-    reach it. The trust ratio comes from float32 partial sums added per segment in float64. After
-    ``step()``, ``p.grad`` holds the update ``u`` (pass 2 reads it from there; for bfloat16 gradients ``u``
-    is held in bfloat16, a relative rounding of at most 2**-8 per update): zero the gradients before the
-    next backward, as usual.
+    kept per parameter and advanced only when the parameter has a gradient (timm: per group, counting
+    steps where the group had no gradient); ``always_adapt`` is apex's ``use_nvlamb``.
+
+    Differences from torch.optim by design: a parameter with ``requires_grad=False`` is left untouched even
+    if it has a ``.grad``; bfloat16/float16 parameters get float32 master weights, so an in-place write
+    through ``p.data`` (which torch does not version) needs :meth:`sync_master_weights`; the state tensors
+    are views into flat buffers and ``load_state_dict`` copies values without casting; there are no
+    ``foreach`` / ``fused`` / ``capturable`` / ``differentiable`` options (one fused pass per buffer; ``lr``
+    is a float or a CPU scalar tensor); DTensor (FSDP2) and complex parameters are refused.
+
+    The trust ratio comes from float32 partial sums added per segment in float64. Pass 1 writes the update
+    ``u`` into the flat gradient buffer (pass 2 reads it from there; for bfloat16 gradients ``u`` is held
+    in bfloat16, a relative rounding of at most 2**-8 per update): a private copy, unless ``p.grad`` is the
+    flat buffer's view (a caller's ``bind=True`` layout, or gradients bound to it): then ``p.grad`` holds
+    ``u`` after ``step()``.
     """
 
     state_dtypes: ClassVar[dict[str, torch.dtype | None]] = {
         "exp_avg": torch.float32,
         "exp_avg_sq": torch.float32,
     }
+    pickled = (*FlatOptimizer.pickled, "last_stats", "last_grad_sq_norm")
 
     def __init__(
         self,
@@ -87,6 +103,7 @@ class FusedLAMB(FlatOptimizer):
         max_grad_norm: float | None = None,
         bias_correction: bool = True,
         *,
+        maximize: bool = False,
         layout: FlatLayout | None = None,
         master_weights: bool | None = None,
     ):
@@ -99,6 +116,7 @@ class FusedLAMB(FlatOptimizer):
             "always_adapt": always_adapt,
             "max_grad_norm": max_grad_norm,
             "bias_correction": bias_correction,
+            "maximize": maximize,
         }
         self.last_stats: list[torch.Tensor] = []
         self.last_grad_sq_norm: torch.Tensor | None = None
@@ -108,7 +126,7 @@ class FusedLAMB(FlatOptimizer):
     def step(
         self, closure: Callable[[], torch.Tensor] | None = None, *, grad_sq_norm: torch.Tensor | None = None
     ) -> torch.Tensor | None:
-        """One LAMB step on ``p.grad``; returns the closure's loss.
+        """One LAMB step on the gradients in ``p.grad`` (after the closure); returns the closure's loss.
 
         Args:
             closure: re-evaluates the model and returns the loss (called with gradients enabled).
@@ -153,6 +171,7 @@ class FusedLAMB(FlatOptimizer):
                     chunks=buf.chunks,
                 )
             )
+        self._publish()
         return loss
 
     @property
@@ -231,3 +250,4 @@ class FusedLAMB(FlatOptimizer):
             real("max_grad_norm", group["max_grad_norm"], lambda v: v > 0, "None or a float > 0")
         flag("always_adapt")
         flag("bias_correction")
+        flag("maximize")

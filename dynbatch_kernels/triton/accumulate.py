@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dynbatch_kernels import columns
 from dynbatch_kernels.chunks import ChunkTable
 from dynbatch_kernels.triton.segments import reduce_segments
 
@@ -13,6 +14,13 @@ from dynbatch_kernels.triton.segments import reduce_segments
 #: four warps, eight 16-byte vectors per thread in flight).
 BLOCK = 1024
 NUM_WARPS = 4
+
+# Columns of the partial sums, as compile-time constants.
+DOT = tl.constexpr(columns.ACC_DOT)
+GG = tl.constexpr(columns.GRAD_SQ)
+AA = tl.constexpr(columns.ACC_OLD_SQ)
+NN = tl.constexpr(columns.ACC_NEW_SQ)
+NUM_SUMS = tl.constexpr(columns.NUM_ACC_SUMS)
 
 
 @triton.jit
@@ -48,17 +56,17 @@ def _accumulate_kernel(
         gg += g * g
         aa += old * old
         nn += new * new
-    out = partials_ptr + chunk * 4
-    tl.store(out + 0, tl.sum(dot, axis=0))
-    tl.store(out + 1, tl.sum(gg, axis=0))
-    tl.store(out + 2, tl.sum(aa, axis=0))
-    tl.store(out + 3, tl.sum(nn, axis=0))
+    out = partials_ptr + chunk * NUM_SUMS
+    tl.store(out + DOT, tl.sum(dot, axis=0))
+    tl.store(out + GG, tl.sum(gg, axis=0))
+    tl.store(out + AA, tl.sum(aa, axis=0))
+    tl.store(out + NN, tl.sum(nn, axis=0))
 
 
 def accumulate_(
     acc: torch.Tensor, grad: torch.Tensor, chunks: ChunkTable, scale: float, zero_grad: bool
 ) -> torch.Tensor:
-    partials = torch.empty(chunks.num_chunks, 4, dtype=torch.float32, device=acc.device)
+    partials = torch.empty(chunks.num_chunks, columns.NUM_ACC_SUMS, dtype=torch.float32, device=acc.device)
     if chunks.num_chunks:
         _accumulate_kernel[(chunks.num_chunks,)](
             acc,

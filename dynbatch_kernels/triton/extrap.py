@@ -1,4 +1,4 @@
-"""Triton extrapolate_ and extrap_step_: the two passes of extrapolated SGD (math in ``ops.py``).
+"""Triton extrapolate_ and extrap_step_: the two passes of extrapolated SGD (math in ``ops/extrap.py``).
 
 One program per chunk; the chunk's segment selects its row of the per-segment hyper-parameter table (an
 inactive segment's programs mask every load and store off).
@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dynbatch_kernels import ops
+from dynbatch_kernels import columns
 from dynbatch_kernels.chunks import ChunkTable
 
 #: Elements per loop step inside a chunk (a documented fixed choice, as for accumulate_: 1024 elements,
@@ -18,13 +18,13 @@ from dynbatch_kernels.chunks import ChunkTable
 BLOCK = 1024
 NUM_WARPS = 4
 
-_LR: tl.constexpr = tl.constexpr(ops.EXTRAP_LR)
-_GAMMA: tl.constexpr = tl.constexpr(ops.EXTRAP_GAMMA)
-_MOMENTUM: tl.constexpr = tl.constexpr(ops.EXTRAP_MOMENTUM)
-_WEIGHT_DECAY: tl.constexpr = tl.constexpr(ops.EXTRAP_WEIGHT_DECAY)
-_NESTEROV: tl.constexpr = tl.constexpr(ops.EXTRAP_NESTEROV)
-_ACTIVE: tl.constexpr = tl.constexpr(ops.EXTRAP_ACTIVE)
-_NUM_HYPER: tl.constexpr = tl.constexpr(ops.NUM_EXTRAP_HYPER)
+_LR: tl.constexpr = tl.constexpr(columns.EXTRAP_LR)
+_GAMMA: tl.constexpr = tl.constexpr(columns.EXTRAP_GAMMA)
+_MOMENTUM: tl.constexpr = tl.constexpr(columns.EXTRAP_MOMENTUM)
+_WEIGHT_DECAY: tl.constexpr = tl.constexpr(columns.EXTRAP_WEIGHT_DECAY)
+_NESTEROV: tl.constexpr = tl.constexpr(columns.EXTRAP_NESTEROV)
+_ACTIVE: tl.constexpr = tl.constexpr(columns.EXTRAP_ACTIVE)
+_NUM_HYPER: tl.constexpr = tl.constexpr(columns.NUM_EXTRAP_HYPER)
 
 
 @triton.jit

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dynbatch_kernels import ops
+from dynbatch_kernels import columns
 from dynbatch_kernels.chunks import ChunkTable
 from dynbatch_kernels.triton.segments import reduce_segments
 
@@ -25,23 +25,23 @@ NUM_WARPS = 4
 SEGMENT_BLOCK = 256
 
 # Table columns as compile-time constants (the kernels index the hyper-parameter and statistics rows).
-LR = tl.constexpr(ops.LAMB_LR)
-BETA1 = tl.constexpr(ops.LAMB_BETA1)
-BETA2 = tl.constexpr(ops.LAMB_BETA2)
-EPS = tl.constexpr(ops.LAMB_EPS)
-WEIGHT_DECAY = tl.constexpr(ops.LAMB_WEIGHT_DECAY)
-RATIO_MIN = tl.constexpr(ops.LAMB_RATIO_MIN)
-RATIO_MAX = tl.constexpr(ops.LAMB_RATIO_MAX)
-ADAPT = tl.constexpr(ops.LAMB_ADAPT)
-BIAS_CORRECTION = tl.constexpr(ops.LAMB_BIAS_CORRECTION)
-MAX_GRAD_NORM = tl.constexpr(ops.LAMB_MAX_GRAD_NORM)
-ACTIVE = tl.constexpr(ops.LAMB_ACTIVE)
-NUM_HYPER = tl.constexpr(ops.NUM_LAMB_HYPER)
-W_SQ = tl.constexpr(ops.LAMB_W_SQ)
-U_SQ = tl.constexpr(ops.LAMB_U_SQ)
-G_SQ = tl.constexpr(ops.LAMB_G_SQ)
-RATIO = tl.constexpr(ops.LAMB_RATIO)
-NUM_STATS = tl.constexpr(4)
+LR = tl.constexpr(columns.LAMB_LR)
+BETA1 = tl.constexpr(columns.LAMB_BETA1)
+BETA2 = tl.constexpr(columns.LAMB_BETA2)
+EPS = tl.constexpr(columns.LAMB_EPS)
+WEIGHT_DECAY = tl.constexpr(columns.LAMB_WEIGHT_DECAY)
+RATIO_MIN = tl.constexpr(columns.LAMB_RATIO_MIN)
+RATIO_MAX = tl.constexpr(columns.LAMB_RATIO_MAX)
+ADAPT = tl.constexpr(columns.LAMB_ADAPT)
+BIAS_CORRECTION = tl.constexpr(columns.LAMB_BIAS_CORRECTION)
+MAX_GRAD_NORM = tl.constexpr(columns.LAMB_MAX_GRAD_NORM)
+ACTIVE = tl.constexpr(columns.LAMB_ACTIVE)
+NUM_HYPER = tl.constexpr(columns.NUM_LAMB_HYPER)
+W_SQ = tl.constexpr(columns.LAMB_W_SQ)
+U_SQ = tl.constexpr(columns.LAMB_U_SQ)
+G_SQ = tl.constexpr(columns.LAMB_G_SQ)
+RATIO = tl.constexpr(columns.LAMB_RATIO)
+NUM_STATS = tl.constexpr(columns.NUM_LAMB_STATS)
 
 
 @triton.jit
@@ -270,7 +270,7 @@ def lamb_step_(
     w = param if master is None else master
     flags = dict(HAS_NORM=grad_sq_norm is not None, HAS_FOUND_INF=found_inf is not None)
     tiling = dict(CHUNK=chunks.chunk_size, BLOCK=_block(chunks), num_warps=NUM_WARPS)
-    partials = torch.empty(chunks.num_chunks, 4, dtype=torch.float32, device=param.device)
+    partials = torch.empty(chunks.num_chunks, NUM_STATS, dtype=torch.float32, device=param.device)
     if chunks.num_chunks:
         _update_kernel[(chunks.num_chunks,)](
             w,

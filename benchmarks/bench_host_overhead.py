@@ -1,0 +1,130 @@
+"""Host overhead of :class:`~dynbatch_kernels.batching.GradientAccumulator` per micro-batch, on a model so
+small that the Python around the kernels is what is measured: an MLP 32 -> 64 -> 10, micro-batches of 16,
+steps of 64 samples (4 micro-batches), ``AdamW(fused=True)``, one thread.
+
+Providers, each timed as microseconds per micro-batch (a run of :data:`MICRO_BATCHES` of them):
+
+- ``forward+backward``: the model alone, no optimizer;
+- ``plain loop``: torch's accumulation loop (``(loss / 4).backward()``, ``step()`` and ``zero_grad()``
+  every 4th micro-batch), the baseline;
+- ``accumulator``: ``loss.backward(); if acc.accumulate(16, loss.detach()): acc.step()`` under
+  ``FixedPolicy(64)``: ``p.grad`` stay views into the accumulator's buffer (the fast path);
+- ``accumulator, grads None``: the same with ``model.zero_grad()`` (``set_to_none=True``) before every
+  backward, so every gradient is a fresh tensor the accumulator copies in.
+
+Times are the CPU time of the training thread (``time.thread_time``: time the thread is descheduled on a
+shared machine does not count; on CUDA, wall time up to a device sync), providers run round-robin.
+``python -m benchmarks.bench_host_overhead`` prints the table; ``python -m benchmarks.run --only
+host_overhead`` writes it with the other benchmarks.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from benchmarks.common import Row, quantiles, sync
+from dynbatch_kernels.batching import FixedPolicy, GradientAccumulator
+
+NAME = "host_overhead"
+BASELINE = "plain loop"
+MICRO_BATCHES = 64  # per timed call: 16 optimizer steps
+MICRO, STEP = 16, 64
+
+
+def make_model(device: torch.device) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10)).to(device)
+
+
+def run(device: torch.device, quick: bool = False) -> list[Row]:
+    """One row per provider; ``p20_ms``, ``p50_ms``, ``p80_ms`` are milliseconds per micro-batch."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(device, reps=10 if quick else 40)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run(device: torch.device, reps: int) -> list[Row]:
+    gen = torch.Generator().manual_seed(0)
+    batches = [
+        (
+            torch.randn(MICRO, 32, generator=gen).to(device),
+            torch.randint(0, 10, (MICRO,), generator=gen).to(device),
+        )
+        for _ in range(MICRO_BATCHES)
+    ]
+    loss_fn = nn.functional.cross_entropy
+    per_step = STEP // MICRO
+
+    bare = make_model(device)
+
+    def forward_backward() -> None:
+        for x, y in batches:
+            loss_fn(bare(x), y).backward()
+
+    plain = make_model(device)
+    plain_opt = torch.optim.AdamW(plain.parameters(), lr=1e-3, fused=True)
+
+    def plain_loop() -> None:
+        for k, (x, y) in enumerate(batches, start=1):
+            (loss_fn(plain(x), y) / per_step).backward()
+            if k % per_step == 0:
+                plain_opt.step()
+                plain_opt.zero_grad()
+
+    def accumulator_loop(set_to_none: bool):
+        model = make_model(device)
+        acc = GradientAccumulator(
+            torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True), FixedPolicy(STEP), history_size=16
+        )
+
+        def loop() -> None:
+            for x, y in batches:
+                if set_to_none:
+                    model.zero_grad()
+                loss = loss_fn(model(x), y)
+                loss.backward()
+                if acc.accumulate(len(y), loss.detach()):
+                    acc.step()
+
+        return loop
+
+    timed = [
+        ("forward+backward", forward_backward),
+        (BASELINE, plain_loop),
+        ("accumulator", accumulator_loop(False)),
+        ("accumulator, grads None", accumulator_loop(True)),
+    ]
+    clock = time.perf_counter if device.type == "cuda" else time.thread_time
+    times: list[list[float]] = [[] for _ in timed]
+    for rep in range(-5, reps):  # 5 warm-up rounds
+        for slot, (_, fn) in zip(times, timed):
+            sync(device)
+            start = clock()
+            fn()
+            sync(device)
+            if rep >= 0:
+                slot.append((clock() - start) * 1e3 / MICRO_BATCHES)
+    case = f"mlp-32-64-10 b{MICRO}"
+    return [Row(NAME, case, name, *quantiles(slot), 0) for slot, (name, _) in zip(times, timed)]
+
+
+def main() -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = run(device)
+    base = next(r.p50_ms for r in rows if r.provider == BASELINE)
+    print(f"{'us per micro-batch':<26} {'p20':>8} {'p50':>8} {'p80':>8} {'over plain':>11}")
+    for r in rows:
+        print(
+            f"{r.provider:<26} {1e3 * r.p20_ms:>8.1f} {1e3 * r.p50_ms:>8.1f} {1e3 * r.p80_ms:>8.1f} "
+            f"{1e3 * (r.p50_ms - base):>+11.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

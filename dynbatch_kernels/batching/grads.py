@@ -1,0 +1,203 @@
+"""The accumulator's buffers over a :class:`~dynbatch_kernels.FlatLayout`, and what it does to ``p.grad``.
+
+Per layout buffer: ``G`` (the buffer's ``.grad``, where micro-batch gradients are gathered), the float32
+sum ``A`` and its backup ``A'`` (allocated at the first micro-batch that needs it).
+
+``p.grad`` across micro-batches: after each micro-batch every non-None ``p.grad`` is pointed at its
+(zeroed) segment view of ``G`` so the next backward writes straight into it (the fast path: nothing to
+copy, one identity check per parameter). Whatever replaced or cleared them (``zero_grad(set_to_none=
+True)``, a closure assigning ``p.grad``) is gathered by :meth:`FlatBuffer.gather_grads` (one copy per such
+gradient); a ``None`` gradient stays ``None``.
+
+Which parameters took part in a step: those whose post-accumulate-grad hook fired (a backward reached
+them) or whose ``p.grad`` was a tensor of the user's, in an accepted micro-batch. A parameter that took
+part in none gets ``p.grad = None`` at the step (torch optimizers skip it: no update, no weight decay);
+the hooks also tell whether a backward happened at all.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dynbatch_kernels.backends import backend_module
+from dynbatch_kernels.checks import GRAD_DTYPES, check_flat, check_same, chunk_table_for
+from dynbatch_kernels.layout import FlatBuffer, FlatLayout
+
+Index = tuple[int, int]  # (buffer, segment)
+
+
+class StepBuffers:
+    """``A``, ``A'``, the ``p.grad`` views and the per-step participation of one layout's parameters."""
+
+    def __init__(self, layout: FlatLayout):
+        self.layout = layout
+        buffers = layout.buffers
+        self.acc = [torch.zeros(b.grad.numel(), dtype=torch.float32, device=b.device) for b in buffers]
+        for acc, b in zip(self.acc, buffers):  # what ops.accumulate_ checks at every call, once
+            check_flat("grad", b.grad, GRAD_DTYPES)
+            check_same("grad", b.grad, "acc", acc)
+            chunk_table_for(b.offsets, acc, b.chunks)
+        self._kernels = [backend_module(b.device).accumulate_ for b in buffers]
+        self.backup: list[torch.Tensor] = []
+        self.hits: list[torch.Tensor] = []  # parameters reached by a backward since the last gather
+        self.hooks = [
+            p.register_post_accumulate_grad_hook(self.hits.append) for p in layout.params if p.requires_grad
+        ]
+        self.trainable = tuple(p.requires_grad for p in layout.params)
+        self._grads = [b.grad for b in buffers]  # the G each view list belongs to
+        self._views = [_views(b, b.grad) for b in buffers]
+        self._acc_views: list[list[torch.Tensor] | None] = [None] * len(buffers)  # A's, once swapped
+        self._bound: list[list[torch.Tensor | None]] = [[None] * b.num_segments for b in buffers]
+        self.present = [[False] * b.num_segments for b in buffers]
+        self.missing = len(layout.params)  # parameters not (yet) present in this step
+
+    def close(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
+
+    # -- per micro-batch ------------------------------------------------------------------------------
+
+    def gather(self) -> list[Index] | None:
+        """Make ``G`` hold this micro-batch's gradient and point ``p.grad`` at ``G``'s views; return the
+        parameters that took part for the first time in this step, or None when no gradient arrived."""
+        fresh: list[Index] = []
+        arrived = bool(self.hits)
+        for b, buf in enumerate(self.layout.buffers):
+            if buf.grad is not self._grads[b]:  # G replaced by the layout's owner: move our views over
+                self._grads[b], self._views[b] = buf.grad, _views(buf, buf.grad)
+                for j in range(buf.num_segments):
+                    self._move_bound(b, j, self, b, j)
+            bound = self._bound[b]
+            if all(p.grad is v for p, v in zip(buf.params, bound)):
+                continue
+            buf.gather_grads()
+            views, present = self._views[b], self.present[b]
+            for j, p in enumerate(buf.params):
+                g = p.grad
+                if g is None or g is bound[j]:
+                    bound[j] = g
+                    continue
+                arrived = True
+                if not present[j]:
+                    fresh.append((b, j))
+                p.grad = bound[j] = views[j]
+        if self.missing:
+            fresh.extend(self.layout.locate(p) for p in self.hits if p.grad is not None)
+        self.hits.clear()
+        return fresh if arrived else None
+
+    def accumulate(self, scale: float) -> list[torch.Tensor]:
+        """The fused pass :func:`~dynbatch_kernels.ops.accumulate_` on every buffer, ``A += scale * G;
+        G <- 0``, straight into the backend chosen at construction (the op's per-call checks and dispatch
+        cost more host time than the pass on a small model); returns each buffer's ``[S_b, 4]`` sums."""
+        parts = zip(self._kernels, self.acc, self.layout.buffers)
+        return [kernel(acc, b.grad, b.chunks, scale, True) for kernel, acc, b in parts]
+
+    def launch_backup(self) -> None:
+        """``A' <- A`` before a fused pass, so that the micro-batch can be rolled back exactly."""
+        if not self.backup:
+            self.backup = [torch.empty_like(a) for a in self.acc]
+        for acc, backup in zip(self.acc, self.backup):
+            backup.copy_(acc)
+
+    def roll_back(self, from_zero: bool) -> None:
+        """Undo the last fused pass: ``A <- A'`` (``A <- 0`` when it was the step's first)."""
+        for b, acc in enumerate(self.acc):
+            if from_zero:
+                acc.zero_()
+            else:
+                acc.copy_(self.backup[b])
+
+    def commit(self, fresh: list[Index]) -> None:
+        """Mark the parameters of an accepted micro-batch as taking part in the step."""
+        for b, j in fresh:
+            if not self.present[b][j]:
+                self.present[b][j] = True
+                self.missing -= 1
+
+    # -- per step -------------------------------------------------------------------------------------
+
+    def expose(self, scale: float | None) -> None:
+        """Put the step's gradient ``A * scale`` in ``p.grad`` (``scale=None``: ``A`` as is; every buffer
+        float32), ``None`` for parameters that took part in no micro-batch.
+
+        A float32 buffer swaps ``A`` and ``G`` (``G`` is zero after the last fused pass and becomes the next
+        ``A``; ``A`` is scaled in place and becomes ``G``, read through the ``p.grad`` views); any other
+        buffer gets ``G <- A * scale`` and ``A <- 0``.
+        """
+        for b, buf in enumerate(self.layout.buffers):
+            acc = self.acc[b]
+            if buf.grad.dtype == torch.float32:
+                if scale is not None and scale != 1.0:
+                    acc.mul_(scale)
+                views = self._acc_views[b] or _views(buf, acc)
+                self._acc_views[b], self._views[b] = self._views[b], views
+                self.acc[b], buf.grad = buf.grad, acc
+                self._grads[b] = acc
+            else:
+                torch.mul(acc, scale, out=buf.grad)
+                acc.zero_()
+            bound, views = self._bound[b], self._views[b]
+            for j, (p, present) in enumerate(zip(buf.params, self.present[b])):
+                want = views[j] if present else None
+                if p.grad is not want:
+                    p.grad = want
+                bound[j] = want
+
+    def after_step(self) -> None:
+        """After the optimizer's step: ``G <- 0`` for the next backward; nobody took part yet."""
+        for buf in self.layout.buffers:
+            buf.grad.zero_()
+        self._restart()
+
+    def discard(self) -> None:
+        """Drop the step's sum (``A <- 0``; ``G`` is zero after the last fused pass)."""
+        for acc in self.acc:
+            acc.zero_()
+        self._restart()
+
+    def _restart(self) -> None:
+        self.present = [[False] * b.num_segments for b in self.layout.buffers]
+        self.missing = len(self.layout.params)
+
+    # -- a new layout ---------------------------------------------------------------------------------
+
+    def carry(self, old: StepBuffers) -> None:
+        """Take over ``old``'s state for the parameters both layouts hold: the sum ``A`` (mid-step), the
+        gradient of the micro-batch in flight (``p.grad`` views into the old ``G``), participation, hits."""
+        for ob, obuf in enumerate(old.layout.buffers):
+            for oj, p in enumerate(obuf.params):
+                where = _locate(self.layout, p)
+                if where is None:
+                    continue
+                b, j = where
+                (olo, ohi), (lo, hi) = obuf.bounds[oj], self.layout.buffers[b].bounds[j]
+                self.acc[b][lo:hi].copy_(old.acc[ob][olo:ohi])
+                old._move_bound(ob, oj, self, b, j)
+                if old.present[ob][oj]:
+                    self.commit([(b, j)])
+        self.hits.extend(p for p in old.hits if _locate(self.layout, p) is not None)
+
+    def _move_bound(self, b: int, j: int, to: StepBuffers, tb: int, tj: int) -> None:
+        """If ``p.grad`` (parameter ``j`` of buffer ``b``) is still our view, copy it into ``to``'s view of
+        segment ``(tb, tj)`` and point ``p.grad`` there."""
+        p = self.layout.buffers[b].params[j]
+        if p.grad is not None and p.grad is self._bound[b][j]:
+            view = to._views[tb][tj]
+            if view is not p.grad:
+                view.copy_(p.grad)
+                p.grad = view
+            to._bound[tb][tj] = view
+
+
+def _locate(layout: FlatLayout, param: torch.Tensor) -> Index | None:
+    try:
+        return layout.locate(param)
+    except KeyError:
+        return None
+
+
+def _views(buf: FlatBuffer, flat: torch.Tensor) -> list[torch.Tensor]:
+    """Every parameter's segment of ``flat`` in its shape."""
+    return [flat[lo:hi].view(p.shape) for p, (lo, hi) in zip(buf.params, buf.bounds)]

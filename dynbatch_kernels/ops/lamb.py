@@ -1,0 +1,281 @@
+"""LAMB / LAMBC: ``lamb_step_`` (the two-pass step), and ``segment_sq_norms`` with ``lamb_grad_sq_norm``
+(pass 0: the global gradient norm for clipping)."""
+
+from __future__ import annotations
+
+import torch
+
+from dynbatch_kernels.backends import backend_module
+from dynbatch_kernels.checks import (
+    GRAD_DTYPES,
+    check_device_scalar,
+    check_disjoint,
+    check_flat,
+    check_hyper,
+    chunk_table_for,
+)
+from dynbatch_kernels.chunks import ChunkTable
+from dynbatch_kernels.columns import (
+    LAMB_ACTIVE,
+    LAMB_ADAPT,
+    LAMB_BETA1,
+    LAMB_BETA2,
+    LAMB_BIAS_CORRECTION,
+    LAMB_EPS,
+    LAMB_LR,
+    LAMB_MAX_GRAD_NORM,
+    LAMB_RATIO_MAX,
+    LAMB_RATIO_MIN,
+    LAMB_WEIGHT_DECAY,
+    NUM_LAMB_HYPER,
+    NUM_LAMB_STATS,
+)
+from dynbatch_kernels.ops.argdoc import shared_arg_docs
+from dynbatch_kernels.ops.registry import fused_op
+
+
+def lamb_hyper_row(
+    *,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-6,
+    weight_decay: float = 0.01,
+    trust_clip: tuple[float, float] | None = None,
+    always_adapt: bool = False,
+    bias_correction: bool = True,
+    max_grad_norm: float | None = None,
+    active: bool = True,
+) -> list[float]:
+    """One row of the :func:`lamb_step_` hyper-parameter table (not validated here; FusedLAMB does that).
+
+    ``trust_clip=None`` stores the range ``[0, inf]`` (no clipping), ``max_grad_norm=None`` stores ``inf``;
+    ``LAMB_ADAPT`` is 1 when ``weight_decay != 0 or always_adapt``; ``active=False`` (``LAMB_ACTIVE = 0``)
+    leaves the segment and its state untouched.
+    """
+    inf = float("inf")
+    ratio_min, ratio_max = (0.0, inf) if trust_clip is None else trust_clip
+    row = [0.0] * NUM_LAMB_HYPER
+    row[LAMB_LR] = lr
+    row[LAMB_BETA1], row[LAMB_BETA2] = betas
+    row[LAMB_EPS] = eps
+    row[LAMB_WEIGHT_DECAY] = weight_decay
+    row[LAMB_RATIO_MIN], row[LAMB_RATIO_MAX] = ratio_min, ratio_max
+    row[LAMB_ADAPT] = float(weight_decay != 0 or always_adapt)
+    row[LAMB_BIAS_CORRECTION] = float(bias_correction)
+    row[LAMB_MAX_GRAD_NORM] = inf if max_grad_norm is None else max_grad_norm
+    row[LAMB_ACTIVE] = float(active)
+    return [float(x) for x in row]
+
+
+@shared_arg_docs
+def segment_sq_norms(
+    x: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    scale: torch.Tensor | None = None,
+    chunks: ChunkTable | None = None,
+) -> torch.Tensor:
+    """Per-segment squared norms ``out[j] = sum_i (s*x[i])^2`` in one read-only pass.
+
+    Args:
+        x: flat float32, bfloat16 or float16 buffer.
+        offsets: {offsets}
+        scale: optional one-element float32 tensor ``s`` on ``x``'s device (e.g. the inverse loss scale),
+            applied per element so that a large scale cannot overflow the float32 partial sums.
+        chunks: {chunks}
+
+    Returns:
+        float32 ``[S]``, each summed per chunk in float32 and over chunks in float64, in a fixed order.
+        Bytes per element: one read of ``x`` (4 for float32, 2 for bfloat16/float16).
+    """
+    check_flat("x", x, GRAD_DTYPES)
+    check_device_scalar("scale", scale, x)
+    table = chunk_table_for(offsets, x, chunks)
+    return _segment_sq_norms_op(x, *table.op_args(), scale)
+
+
+@shared_arg_docs
+def lamb_grad_sq_norm(
+    grad: torch.Tensor,
+    offsets: torch.Tensor,
+    hyper: torch.Tensor,
+    *,
+    inv_grad_scale: torch.Tensor | None = None,
+    chunks: ChunkTable | None = None,
+) -> torch.Tensor:
+    """Pass 0 of :func:`lamb_step_`: ``|s*g|^2`` over the active segments, a 0-dim float32 device tensor.
+
+    Pass it as ``grad_sq_norm`` (add the results of several buffers first: the clipping norm is global).
+    Costs one read of ``grad``; pass a norm taken from an earlier reduction instead where there is one.
+
+    Args:
+        grad, hyper, inv_grad_scale: as for :func:`lamb_step_`.
+        offsets: {offsets}
+        chunks: {chunks}
+    """
+    table = chunk_table_for(offsets, grad, chunks)
+    check_hyper("hyper", hyper, table.num_segments, NUM_LAMB_HYPER, grad)
+    sq = segment_sq_norms(grad, table.offsets, scale=inv_grad_scale, chunks=table)
+    return torch.where(hyper[:, LAMB_ACTIVE] != 0, sq, 0.0).sum(dtype=torch.float64).float()
+
+
+@shared_arg_docs
+def lamb_step_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    hyper: torch.Tensor,
+    step: torch.Tensor,
+    master: torch.Tensor | None = None,
+    grad_sq_norm: torch.Tensor | None = None,
+    inv_grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    chunks: ChunkTable | None = None,
+) -> torch.Tensor:
+    """One LAMB / LAMBC step over a flat buffer, in two passes, with per-segment hyper-parameters.
+
+    Segment ``j`` (one parameter tensor) reads row ``j`` of ``hyper`` (columns ``LAMB_*``: ``lr, beta1,
+    beta2, eps, wd, r_min, r_max, adapt, bias_correction, max_grad_norm, active``) and its step count
+    ``t = step[j] + 1``. With ``s`` the inverse grad scale and ``G = grad_sq_norm`` (= ``|s*g|^2`` over the
+    whole model)::
+
+        c   = max(1, sqrt(G) / max_grad_norm)          (1 without grad_sq_norm)
+        g'  = s*g / c
+        m  <- beta1*m + (1-beta1)*g' ;   v <- beta2*v + (1-beta2)*g'^2
+        u   = (m / bc1) / (sqrt(v / bc2) + eps) + wd*w        (bc_k = 1 - beta_k^t, or 1 without correction)
+        r_j = clip(|w|_j / |u|_j, r_min, r_max)  if adapt and |w|_j > 0 and |u|_j > 0, else 1
+        w  <- w - lr * r_j * u ;   step[j] <- step[j] + 1
+
+    Pass 1 reads ``g, m, v, w`` and writes ``m, v`` and ``u`` (into ``grad``'s buffer, in its dtype), with
+    per-chunk partial sums of ``|w|^2, |u|^2, |s*g|^2``; a per-segment reduction (fixed order, float64)
+    then gives ``r_j``; pass 2 reads ``w, u`` and writes ``w``. ``w`` is ``master`` when given (float32
+    master weights of bfloat16/float16 parameters; both are written in pass 2), else ``param``.
+
+    Bytes per element: float32 40 (pass 1: 16 read + 12 written; pass 2: 8 + 4), the floor for LAMB as
+    ``|u|_j`` must be known before any ``w`` moves; bfloat16/float16 with a master copy 36, without 28.
+    Clipping needs ``G`` before pass 1: from an earlier reduction (e.g. :func:`accumulate_`'s sums) it
+    costs nothing; measured by :func:`lamb_grad_sq_norm` (pass 0) it costs one more read of ``grad``
+    (+4 bytes float32, +2 bfloat16: 44 bytes in all for float32).
+
+    Skipping: nothing is written (``param, master, grad, m, v, step`` stay bit-identical) when
+    ``found_inf != 0`` or ``G`` is given and not finite; in the latter case ``found_inf`` (if given) is set
+    to 1. Every decision is taken on the device: no host synchronisation.
+
+    Args:
+        param: flat parameters, float32, bfloat16 or float16; updated in place.
+        grad: the flat gradient, ``param``'s dtype; overwritten with the update ``u`` (unless skipped).
+        exp_avg, exp_avg_sq: float32 moment buffers, updated in place.
+        offsets: {offsets}
+        hyper: float32 ``[S, NUM_LAMB_HYPER]`` table on the device (rows from :func:`lamb_hyper_row`).
+        step: float32 ``[S]`` steps taken so far per segment; incremented in place unless skipped.
+        master: float32 master weights for bfloat16/float16 ``param`` (None for float32 ``param``).
+        grad_sq_norm: one-element float32 ``|s*g|^2`` over every segment being clipped together; enables
+            clipping (column ``LAMB_MAX_GRAD_NORM``, ``inf`` = not clipped) and the finiteness check.
+        inv_grad_scale: one-element float32 ``s`` (a GradScaler's ``1/scale``); 1 when None.
+        found_inf: one-element float32 flag; nonzero skips the step.
+        chunks: {chunks}
+
+    Returns:
+        float32 ``[S, 4]``: columns ``LAMB_W_SQ, LAMB_U_SQ, LAMB_G_SQ`` (``|w|^2, |u|^2, |s*g|^2`` before
+        clipping) and ``LAMB_RATIO`` (the ``r_j`` applied; 1 for inactive segments). When the step is
+        skipped they describe the update that was not applied.
+    """
+    check_flat("param", param, GRAD_DTYPES)
+    check_flat("grad", grad, (param.dtype,))
+    check_flat("exp_avg", exp_avg, (torch.float32,))
+    check_flat("exp_avg_sq", exp_avg_sq, (torch.float32,))
+    named = [("param", param), ("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)]
+    if master is not None:
+        if param.dtype == torch.float32:
+            raise ValueError(
+                "master: expected None for float32 param (master weights are for bfloat16/float16)"
+            )
+        named.append(("master", check_flat("master", master, (torch.float32,))))
+    check_disjoint(*named)
+    table = chunk_table_for(offsets, param, chunks)
+    check_hyper("hyper", hyper, table.num_segments, NUM_LAMB_HYPER, param)
+    check_flat("step", step, (torch.float32,))
+    if step.numel() != table.num_segments or step.device != param.device:
+        raise ValueError(
+            f"step: expected {table.num_segments} counts (one per segment) on {param.device}, "
+            f"got {step.numel()} on {step.device}"
+        )
+    for name, scalar in (
+        ("grad_sq_norm", grad_sq_norm),
+        ("inv_grad_scale", inv_grad_scale),
+        ("found_inf", found_inf),
+    ):
+        check_device_scalar(name, scalar, param)
+    return _lamb_step_op(
+        param,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        master,
+        step,
+        hyper,
+        *table.op_args(),
+        grad_sq_norm,
+        inv_grad_scale,
+        found_inf,
+    )
+
+
+@fused_op("segment_sq_norms", mutates_args=())
+def _segment_sq_norms_op(
+    x: torch.Tensor,
+    offsets: torch.Tensor,
+    starts: torch.Tensor,
+    ends: torch.Tensor,
+    segment_chunks: torch.Tensor,
+    chunk_segments: torch.Tensor,
+    chunk_size: int,
+    scale: torch.Tensor | None,
+) -> torch.Tensor:
+    table = ChunkTable.from_op_args(
+        x.numel(), offsets, starts, ends, segment_chunks, chunk_segments, chunk_size
+    )
+    return backend_module(x.device).segment_sq_norms(x, table, scale)
+
+
+@_segment_sq_norms_op.register_fake
+def _(x, offsets, *rest):
+    return x.new_empty(offsets.shape[0] - 1, dtype=torch.float32)
+
+
+@fused_op(
+    "lamb_step_",
+    mutates_args=("param", "grad", "exp_avg", "exp_avg_sq", "master", "step", "found_inf"),
+)
+def _lamb_step_op(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    master: torch.Tensor | None,
+    step: torch.Tensor,
+    hyper: torch.Tensor,
+    offsets: torch.Tensor,
+    starts: torch.Tensor,
+    ends: torch.Tensor,
+    segment_chunks: torch.Tensor,
+    chunk_segments: torch.Tensor,
+    chunk_size: int,
+    grad_sq_norm: torch.Tensor | None,
+    inv_grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+) -> torch.Tensor:
+    table = ChunkTable.from_op_args(
+        param.numel(), offsets, starts, ends, segment_chunks, chunk_segments, chunk_size
+    )
+    return backend_module(param.device).lamb_step_(
+        param, grad, exp_avg, exp_avg_sq, master, step, hyper, table, grad_sq_norm, inv_grad_scale, found_inf
+    )
+
+
+@_lamb_step_op.register_fake
+def _(param, grad, exp_avg, exp_avg_sq, master, step, hyper, offsets, *rest):
+    return param.new_empty(offsets.shape[0] - 1, NUM_LAMB_STATS, dtype=torch.float32)
