@@ -15,6 +15,9 @@ import torch
 #: Elements per chunk. 8192 float32 elements (32 KiB) keep a chunk in L1/L2 on the CPU and give a GPU
 #: 2048 programs at 2**24 elements, enough to fill an H100's 132 SMs several times over.
 CHUNK_SIZE = 8192
+#: Elements every chunk bound of an aligned table is a multiple of: 16 bytes or more for every dtype, so
+#: the kernels can load and store whole 16-byte vectors.
+ALIGN = 16
 
 
 @dataclass(frozen=True)
@@ -23,7 +26,9 @@ class ChunkTable:
 
     ``offsets``: the validated segment table; ``starts[c]``/``ends[c]``: the element range of chunk
     ``c``; ``segment_chunks[j]`` to ``segment_chunks[j+1]``: the chunks of segment ``j``;
-    ``chunk_segments[c]``: the segment of chunk ``c`` (for per-segment hyper-parameters).
+    ``chunk_segments[c]``: the segment of chunk ``c`` (for per-segment hyper-parameters). ``aligned``:
+    every bound is a multiple of :data:`ALIGN` elements (true for a ``FlatLayout`` with the default
+    ``align=16``), which lets the Triton kernels use 16-byte accesses.
     """
 
     offsets: torch.Tensor
@@ -33,6 +38,7 @@ class ChunkTable:
     chunk_segments: torch.Tensor
     num_elements: int
     chunk_size: int
+    aligned: bool = False
 
     @property
     def num_segments(self) -> int:
@@ -42,9 +48,11 @@ class ChunkTable:
     def num_chunks(self) -> int:
         return self.starts.numel()
 
-    def op_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    def op_args(
+        self,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, bool]:
         """The table as custom-op arguments: ``offsets, starts, ends, segment_chunks, chunk_segments,
-        chunk_size`` (the inverse of :meth:`from_op_args`)."""
+        chunk_size, aligned`` (the inverse of :meth:`from_op_args`)."""
         return (
             self.offsets,
             self.starts,
@@ -52,6 +60,7 @@ class ChunkTable:
             self.segment_chunks,
             self.chunk_segments,
             self.chunk_size,
+            self.aligned,
         )
 
     @classmethod
@@ -64,8 +73,9 @@ class ChunkTable:
         segment_chunks: torch.Tensor,
         chunk_segments: torch.Tensor,
         chunk_size: int,
+        aligned: bool,
     ) -> ChunkTable:
-        return cls(offsets, starts, ends, segment_chunks, chunk_segments, num_elements, chunk_size)
+        return cls(offsets, starts, ends, segment_chunks, chunk_segments, num_elements, chunk_size, aligned)
 
     @classmethod
     def from_offsets(
@@ -95,6 +105,7 @@ class ChunkTable:
             chunk_segments=segment_of_chunk.to(device),
             num_elements=int(host[-1]),
             chunk_size=chunk_size,
+            aligned=chunk_size % ALIGN == 0 and not bool((host % ALIGN).any()),
         )
 
 

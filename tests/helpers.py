@@ -96,17 +96,6 @@ def nvidia_compiler_available() -> bool:
     return True
 
 
-def compile_for_sm90(fn, types: dict, constants: dict, num_warps: int) -> None:
-    """Compile one specialisation of ``fn``: pointer/scalar ``types`` plus ``constants`` (constexprs)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    signature = {**types, **dict.fromkeys(constants, "constexpr")}
-    source = ASTSource(fn=fn, signature=signature, constexprs=constants)
-    triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-
-
 def run_in_compiler_process(module: str, function: str) -> None:
     """Call ``module.function()`` in a fresh interpreter with Triton's compiler (not its interpreter)."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}

@@ -48,6 +48,16 @@ def test_many_segments(backend, grad_dtype):
 
 
 @pytest.mark.parametrize("backend", backend_cases(), indirect=True)
+@pytest.mark.parametrize("grad_dtype", GRAD_DTYPES, ids=str)
+def test_aligned_table(backend, grad_dtype):
+    """Segments on 16-element boundaries (empty ones too): the aligned (vectorized) kernel variant."""
+    gen = torch.Generator().manual_seed(17)
+    offsets = random_offsets(41, 9, gen) * 16
+    assert ChunkTable.from_offsets(offsets, chunk_size=64).aligned
+    run_case(backend, offsets, grad_dtype, scale=0.5, zero_grad=True, chunk_size=64, generator=gen)
+
+
+@pytest.mark.parametrize("backend", backend_cases(), indirect=True)
 @pytest.mark.parametrize("zero_grad", [False, True])
 def test_single_odd_segment(backend, zero_grad):
     """One segment whose length is no multiple of any block, over many chunks."""
@@ -91,8 +101,10 @@ def test_non_finite_gradient_is_flagged_not_raised(backend, bad):
     assert torch.isfinite(sums[[0, 2], ops.GRAD_SQ]).all()
 
 
-def test_layout_model_sums_match_per_parameter_reference():
-    """A real model through FlatLayout: backward writes the flat buffer, sums match per parameter."""
+@pytest.mark.parametrize("align", [16, 1])
+def test_layout_model_sums_match_per_parameter_reference(align):
+    """A real model through FlatLayout (aligned, and packed tightly): backward writes the flat buffer,
+    sums match per parameter."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Conv2d(1, 8, 3),
@@ -103,7 +115,8 @@ def test_layout_model_sums_match_per_parameter_reference():
         torch.nn.LayerNorm(33),
         torch.nn.Linear(33, 10),
     )
-    layout = FlatLayout(model.named_parameters())
+    layout = FlatLayout(model.named_parameters(), align=align)
+    assert layout.chunks.aligned == (align == 16)
     buf = layout.only()
     acc = torch.zeros(buf.grad.numel())
     for lo, hi in buf.bounds:  # an earlier micro-batch's gradient; the padding stays zero

@@ -164,6 +164,17 @@ def test_extrap_step_many_segments(backend, dtype, grad_dtype, extrapolate_next)
 
 
 @pytest.mark.parametrize("backend", backend_cases(), indirect=True)
+@pytest.mark.parametrize(("dtype", "grad_dtype"), DTYPES, ids=DTYPE_IDS)
+def test_aligned_table(backend, dtype, grad_dtype):
+    """Segments on 16-element boundaries: the aligned (vectorized) kernel variants of both passes."""
+    gen = torch.Generator().manual_seed(300 + DTYPES.index((dtype, grad_dtype)))
+    offsets = random_offsets(30, 6, gen) * 16
+    assert ChunkTable.from_offsets(offsets, chunk_size=32).aligned
+    check_extrapolate(backend, offsets, dtype, grad_dtype, True, 32, gen)
+    check_step(backend, offsets, dtype, grad_dtype, True, 32, gen)
+
+
+@pytest.mark.parametrize("backend", backend_cases(), indirect=True)
 def test_default_chunking_odd_segments(backend):
     """The default chunk size over segments spanning several chunks with odd tails."""
     gen = torch.Generator().manual_seed(11)

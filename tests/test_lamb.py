@@ -10,11 +10,8 @@ from dynbatch_kernels import CHUNK_SIZE, ChunkTable, ops, reference
 from helpers import (
     RTOL,
     backend_cases,
-    compile_for_sm90,
-    nvidia_compiler_available,
     poisoned_memory,
     random_offsets,
-    run_in_compiler_process,
 )
 
 #: Relative error of the update u as held in grad's dtype between the passes (float32: float32 arithmetic).
@@ -140,6 +137,16 @@ def test_matches_float64_reference(backend, dtype, master):
 
 
 @pytest.mark.parametrize("backend", backend_cases(), indirect=True)
+@pytest.mark.parametrize(("dtype", "master"), STORAGE, ids=["f32", "bf16-master", "f16-master", "bf16"])
+def test_aligned_table(backend, dtype, master):
+    """Segments on 16-element boundaries: the aligned (vectorized) variants of every pass."""
+    gen = torch.Generator().manual_seed(21 + STORAGE.index((dtype, master)))
+    offsets = random_offsets(17, 5, gen) * 16
+    assert ChunkTable.from_offsets(offsets, chunk_size=32).aligned
+    run_and_check(backend, offsets, dtype, master, chunk_size=32, generator=gen)
+
+
+@pytest.mark.parametrize("backend", backend_cases(), indirect=True)
 @pytest.mark.parametrize("cause", ["found_inf", "nan_norm", "inf_norm"])
 def test_skipped_step_writes_nothing(backend, cause):
     """found_inf or a non-finite global norm: every buffer stays bit-identical; found_inf reports it."""
@@ -253,56 +260,3 @@ def test_bad_input_raises_before_writing(case):
     after = dict(zip(("param", "grad", "exp_avg", "exp_avg_sq", "offsets"), positional), **kwargs)
     for key, value in before.items():
         assert torch.equal(after[key], value), f"{key} written before the error"
-
-
-@pytest.mark.skipif(not nvidia_compiler_available(), reason="needs triton with its NVIDIA backend")
-def test_triton_kernels_compile_for_cuda():
-    """The interpreter runs the kernels here; this compiles every kernel variant to sm_90 code (no GPU
-    needed, in a process without TRITON_INTERPRET) so that what only the compiler rejects fails here too."""
-    run_in_compiler_process("test_lamb", "compile_kernels_for_cuda")
-
-
-def compile_kernels_for_cuda() -> None:
-    """Compile each LAMB kernel with every optional input present, and with all absent, for sm_90."""
-    from dynbatch_kernels.triton import lamb
-
-    def compile_(fn, types: dict, constants: dict) -> None:
-        compile_for_sm90(fn, types, constants, num_warps=lamb.NUM_WARPS)
-
-    tiling = {"CHUNK": 8192, "BLOCK": lamb.BLOCK}
-    chunks = {"starts_ptr": "*i64", "ends_ptr": "*i64"}
-    for dtype, full in (("fp32", False), ("bf16", True)):
-        optional = ("norm_sq_ptr", "inv_scale_ptr", "found_inf_ptr", "scale_ptr")
-        given = dict.fromkeys(optional, "*fp32") if full else {}
-        absent = {} if full else dict.fromkeys(optional)
-
-        def pick(*names, given=given, absent=absent):
-            return {n: given[n] for n in names if n in given}, {n: absent[n] for n in names if n in absent}
-
-        flags = {"HAS_NORM": full, "HAS_FOUND_INF": full}
-        w = "*fp32" if full else f"*{dtype}"
-        types, nones = pick("scale_ptr")
-        compile_(
-            lamb._sq_norm_kernel,
-            {"x_ptr": f"*{dtype}", **chunks, "partials_ptr": "*fp32", **types},
-            {**nones, "HAS_SCALE": full, **tiling},
-        )
-        types, nones = pick("norm_sq_ptr", "inv_scale_ptr", "found_inf_ptr")
-        pointers = dict.fromkeys(("m_ptr", "v_ptr", "hyper_ptr", "step_ptr"), "*fp32")
-        compile_(
-            lamb._update_kernel,
-            {"w_ptr": w, "grad_ptr": f"*{dtype}", **pointers, **chunks, "chunk_segments_ptr": "*i64"}
-            | {"partials_ptr": "*fp32", **types},
-            {**nones, **flags, "HAS_SCALE": full, **tiling},
-        )
-        types, nones = pick("norm_sq_ptr", "found_inf_ptr")
-        ratio = {"stats_ptr": "*fp32", "hyper_ptr": "*fp32", "step_ptr": "*fp32", "num_segments": "i32"}
-        compile_(
-            lamb._ratio_kernel, {**ratio, **types}, {**nones, **flags, "SEGMENT_BLOCK": lamb.SEGMENT_BLOCK}
-        )
-        apply = {"w_ptr": w, "param_ptr": f"*{dtype}", "grad_ptr": f"*{dtype}", "stats_ptr": "*fp32"}
-        compile_(
-            lamb._apply_kernel,
-            {**apply, "hyper_ptr": "*fp32", **chunks, "chunk_segments_ptr": "*i64", **types},
-            {**nones, **flags, "HAS_MASTER": full, **tiling},
-        )

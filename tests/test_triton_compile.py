@@ -1,63 +1,43 @@
-"""Every Triton kernel compiled to sm_90 code on this GPU-less machine.
+"""Every Triton kernel variant compiled to sm_90 code on this GPU-less machine, and its PTX checked.
 
-Tests here run the kernels under the interpreter, which accepts some programs the compiler rejects; this
-compiles each kernel for each storage dtype (no GPU needed) in a subprocess without TRITON_INTERPRET.
+Tests elsewhere run the kernels under the interpreter, which accepts some programs the compiler rejects;
+this compiles each variant (every storage dtype, every flag, unaligned and aligned chunk tables) in a
+subprocess without TRITON_INTERPRET, and checks that the aligned element loops use 128-bit global loads
+and stores and that ptxas spills nothing.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from helpers import compile_for_sm90, nvidia_compiler_available, run_in_compiler_process
-
-TILING = {"CHUNK": 8192}
-CHUNKS = {"starts_ptr": "*i64", "ends_ptr": "*i64"}
+from helpers import nvidia_compiler_available, run_in_compiler_process
 
 
-def compile_accumulate_and_extrap_kernels() -> None:
-    from dynbatch_kernels.triton import accumulate, extrap, segments
+def compile_and_check_every_variant() -> None:
+    from dynbatch_kernels.triton import lamb, sm90
 
-    compile_for_sm90(
-        segments._reduce_segments_kernel,
-        {"partials_ptr": "*fp32", "segment_chunks_ptr": "*i64", "out_ptr": "*fp32"},
-        {"K": 4, "ROWS": segments.ROWS},
-        num_warps=4,
-    )
-    for dtype in ("fp32", "bf16", "fp16"):
-        for flag in (False, True):
-            compile_for_sm90(
-                accumulate._accumulate_kernel,
-                {
-                    "acc_ptr": "*fp32",
-                    "grad_ptr": f"*{dtype}",
-                    **CHUNKS,
-                    "partials_ptr": "*fp32",
-                    "scale": "fp32",
-                },
-                {"ZERO_GRAD": flag, **TILING, "BLOCK": accumulate.BLOCK},
-                num_warps=accumulate.NUM_WARPS,
-            )
-            rows = {"hyper_ptr": "*fp32", **CHUNKS, "chunk_segments_ptr": "*i64"}
-            compile_for_sm90(
-                extrap._extrapolate_kernel,
-                {"params_ptr": f"*{dtype}", "saved_ptr": f"*{dtype}", "direction_ptr": f"*{dtype}", **rows},
-                {"ZERO_DIRECTION": flag, **TILING, "BLOCK": extrap.BLOCK},
-                num_warps=extrap.NUM_WARPS,
-            )
-            compile_for_sm90(
-                extrap._extrap_step_kernel,
-                {
-                    "params_ptr": f"*{dtype}",
-                    "saved_ptr": f"*{dtype}",
-                    "grad_ptr": f"*{dtype}",
-                    "momentum_ptr": "*fp32",
-                    **rows,
-                },
-                {"EXTRAPOLATE_NEXT": flag, **TILING, "BLOCK": extrap.BLOCK},
-                num_warps=extrap.NUM_WARPS,
-            )
+    problems = []
+    for compiled in map(sm90.compile_sm90, sm90.variants()):
+        variant = compiled.variant
+        if compiled.spill_bytes:
+            problems.append(f"{variant.label}: {compiled.spill_bytes} bytes spilled")
+        if variant.aligned and compiled.load_bits != 128:
+            problems.append(f"{variant.label}: widest global load {compiled.load_bits} bits, not 128")
+        stores_elements = variant.fn is not lamb._sq_norm_kernel
+        if variant.aligned and stores_elements and compiled.store_bits != 128:
+            problems.append(f"{variant.label}: widest global store {compiled.store_bits} bits, not 128")
+    assert not problems, "\n".join(problems)
 
 
 @pytest.mark.skipif(not nvidia_compiler_available(), reason="needs triton with its NVIDIA backend")
-def test_accumulate_and_extrap_kernels_compile_for_cuda():
-    run_in_compiler_process("test_triton_compile", "compile_accumulate_and_extrap_kernels")
+def test_variants_cover_every_element_loop_aligned_and_not():
+    from dynbatch_kernels.triton import sm90
+
+    loops = [v for v in sm90.variants() if v.element_loop]
+    assert len(loops) == 48
+    assert sum(v.aligned for v in loops) == 24
+
+
+@pytest.mark.skipif(not nvidia_compiler_available(), reason="needs triton with its NVIDIA backend")
+def test_every_kernel_compiles_for_sm90_vectorized_without_spills():
+    run_in_compiler_process("test_triton_compile", "compile_and_check_every_variant")

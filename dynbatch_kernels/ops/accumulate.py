@@ -58,11 +58,12 @@ def _accumulate_op(
     segment_chunks: torch.Tensor,
     chunk_segments: torch.Tensor,
     chunk_size: int,
+    aligned: bool,
     scale: float,
     zero_grad: bool,
 ) -> torch.Tensor:
     table = ChunkTable.from_op_args(
-        acc.numel(), offsets, starts, ends, segment_chunks, chunk_segments, chunk_size
+        acc.numel(), offsets, starts, ends, segment_chunks, chunk_segments, chunk_size, aligned
     )
     return backend_module(acc.device).accumulate_(acc, grad, table, scale, zero_grad)
 

@@ -149,10 +149,11 @@ def _extrapolate_op(
     segment_chunks: torch.Tensor,
     chunk_segments: torch.Tensor,
     chunk_size: int,
+    aligned: bool,
     zero_direction: bool,
 ) -> None:
     table = ChunkTable.from_op_args(
-        params.numel(), offsets, starts, ends, segment_chunks, chunk_segments, chunk_size
+        params.numel(), offsets, starts, ends, segment_chunks, chunk_segments, chunk_size, aligned
     )
     backend_module(params.device).extrapolate_(params, saved, direction, hyper, table, zero_direction)
 
@@ -175,10 +176,11 @@ def _extrap_step_op(
     segment_chunks: torch.Tensor,
     chunk_segments: torch.Tensor,
     chunk_size: int,
+    aligned: bool,
     extrapolate_next: bool,
 ) -> None:
     table = ChunkTable.from_op_args(
-        params.numel(), offsets, starts, ends, segment_chunks, chunk_segments, chunk_size
+        params.numel(), offsets, starts, ends, segment_chunks, chunk_segments, chunk_size, aligned
     )
     backend_module(params.device).extrap_step_(params, saved, grad, momentum, hyper, table, extrapolate_next)
 

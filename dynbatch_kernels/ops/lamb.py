@@ -233,10 +233,11 @@ def _segment_sq_norms_op(
     segment_chunks: torch.Tensor,
     chunk_segments: torch.Tensor,
     chunk_size: int,
+    aligned: bool,
     scale: torch.Tensor | None,
 ) -> torch.Tensor:
     table = ChunkTable.from_op_args(
-        x.numel(), offsets, starts, ends, segment_chunks, chunk_segments, chunk_size
+        x.numel(), offsets, starts, ends, segment_chunks, chunk_segments, chunk_size, aligned
     )
     return backend_module(x.device).segment_sq_norms(x, table, scale)
 
@@ -264,12 +265,13 @@ def _lamb_step_op(
     segment_chunks: torch.Tensor,
     chunk_segments: torch.Tensor,
     chunk_size: int,
+    aligned: bool,
     grad_sq_norm: torch.Tensor | None,
     inv_grad_scale: torch.Tensor | None,
     found_inf: torch.Tensor | None,
 ) -> torch.Tensor:
     table = ChunkTable.from_op_args(
-        param.numel(), offsets, starts, ends, segment_chunks, chunk_segments, chunk_size
+        param.numel(), offsets, starts, ends, segment_chunks, chunk_segments, chunk_size, aligned
     )
     return backend_module(param.device).lamb_step_(
         param, grad, exp_avg, exp_avg_sq, master, step, hyper, table, grad_sq_norm, inv_grad_scale, found_inf

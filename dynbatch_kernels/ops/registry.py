@@ -7,13 +7,18 @@ from collections.abc import Callable
 
 import torch
 
+from dynbatch_kernels.checks import eager
+
 
 def fused_op(name: str, mutates_args: tuple[str, ...]) -> Callable[[Callable], Callable]:
     """Register the decorated function as the custom op ``dynbatch::<name>`` and return a caller of it.
 
-    While ``torch.compile`` traces, the caller goes through the registered op (which traces through the
-    fake implementation registered with ``.register_fake``); in eager mode it calls the function directly,
-    skipping the op's Python dispatch (about 60 us per call on the CPU). Both run the same backend code.
+    In plain eager mode (:func:`~dynbatch_kernels.checks.eager`: plain tensors, no dispatch or
+    torch-function mode, not compiling) the caller runs the function directly, skipping the op's Python
+    dispatch (about 60 us per call on the CPU). Otherwise (``torch.compile``, ``FakeTensorMode``,
+    ``make_fx``, tensor subclasses) it goes through the registered op, and so through the fake
+    implementation registered with ``.register_fake`` where there is no real memory. Both run the same
+    backend code.
     """
 
     def register(fn: Callable) -> Callable:
@@ -21,7 +26,7 @@ def fused_op(name: str, mutates_args: tuple[str, ...]) -> Callable[[Callable], C
 
         @functools.wraps(fn)
         def call(*args):
-            return op(*args) if torch.compiler.is_compiling() else fn(*args)
+            return fn(*args) if eager(*args) else op(*args)
 
         call.register_fake = op.register_fake
         return call

@@ -8,6 +8,7 @@ import triton.language as tl
 
 from dynbatch_kernels import columns
 from dynbatch_kernels.chunks import ChunkTable
+from dynbatch_kernels.triton.launch import load_bound, on_device_of_first
 from dynbatch_kernels.triton.segments import reduce_segments
 
 #: Elements per loop step inside a chunk (a documented fixed choice: 1024 float32 = 4 KiB per tensor,
@@ -32,12 +33,13 @@ def _accumulate_kernel(
     partials_ptr,
     scale,
     ZERO_GRAD: tl.constexpr,
+    ALIGNED: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     chunk = tl.program_id(0)
-    start = tl.load(starts_ptr + chunk)
-    end = tl.load(ends_ptr + chunk)
+    start = load_bound(starts_ptr + chunk, ALIGNED)
+    end = load_bound(ends_ptr + chunk, ALIGNED)
     dot = tl.zeros([BLOCK], dtype=tl.float32)
     gg = tl.zeros([BLOCK], dtype=tl.float32)
     aa = tl.zeros([BLOCK], dtype=tl.float32)
@@ -63,6 +65,7 @@ def _accumulate_kernel(
     tl.store(out + NN, tl.sum(nn, axis=0))
 
 
+@on_device_of_first
 def accumulate_(
     acc: torch.Tensor, grad: torch.Tensor, chunks: ChunkTable, scale: float, zero_grad: bool
 ) -> torch.Tensor:
@@ -76,6 +79,7 @@ def accumulate_(
             partials,
             scale,
             ZERO_GRAD=zero_grad,
+            ALIGNED=chunks.aligned,
             CHUNK=chunks.chunk_size,
             BLOCK=min(BLOCK, triton.next_power_of_2(chunks.chunk_size)),
             num_warps=NUM_WARPS,

@@ -12,6 +12,7 @@ import triton.language as tl
 
 from dynbatch_kernels import columns
 from dynbatch_kernels.chunks import ChunkTable
+from dynbatch_kernels.triton.launch import load_bound, on_device_of_first
 
 #: Elements per loop step inside a chunk (a documented fixed choice, as for accumulate_: 1024 elements,
 #: four warps, eight float32 values per thread per tensor). Purely elementwise: no tuning target.
@@ -37,12 +38,13 @@ def _extrapolate_kernel(
     ends_ptr,
     chunk_segments_ptr,
     ZERO_DIRECTION: tl.constexpr,
+    ALIGNED: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     chunk = tl.program_id(0)
-    start = tl.load(starts_ptr + chunk)
-    end = tl.load(ends_ptr + chunk)
+    start = load_bound(starts_ptr + chunk, ALIGNED)
+    end = load_bound(ends_ptr + chunk, ALIGNED)
     row = hyper_ptr + tl.load(chunk_segments_ptr + chunk) * _NUM_HYPER
     gamma = tl.load(row + _GAMMA)
     lam = tl.load(row + _WEIGHT_DECAY)
@@ -71,12 +73,13 @@ def _extrap_step_kernel(
     ends_ptr,
     chunk_segments_ptr,
     EXTRAPOLATE_NEXT: tl.constexpr,
+    ALIGNED: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     chunk = tl.program_id(0)
-    start = tl.load(starts_ptr + chunk)
-    end = tl.load(ends_ptr + chunk)
+    start = load_bound(starts_ptr + chunk, ALIGNED)
+    end = load_bound(ends_ptr + chunk, ALIGNED)
     row = hyper_ptr + tl.load(chunk_segments_ptr + chunk) * _NUM_HYPER
     eta = tl.load(row + _LR)
     gamma = tl.load(row + _GAMMA)
@@ -106,6 +109,7 @@ def _block(chunks: ChunkTable) -> int:
     return min(BLOCK, triton.next_power_of_2(chunks.chunk_size))
 
 
+@on_device_of_first
 def extrapolate_(
     params: torch.Tensor,
     saved: torch.Tensor,
@@ -124,12 +128,14 @@ def extrapolate_(
             chunks.ends,
             chunks.chunk_segments,
             ZERO_DIRECTION=zero_direction,
+            ALIGNED=chunks.aligned,
             CHUNK=chunks.chunk_size,
             BLOCK=_block(chunks),
             num_warps=NUM_WARPS,
         )
 
 
+@on_device_of_first
 def extrap_step_(
     params: torch.Tensor,
     saved: torch.Tensor,
@@ -150,6 +156,7 @@ def extrap_step_(
             chunks.ends,
             chunks.chunk_segments,
             EXTRAPOLATE_NEXT=extrapolate_next,
+            ALIGNED=chunks.aligned,
             CHUNK=chunks.chunk_size,
             BLOCK=_block(chunks),
             num_warps=NUM_WARPS,

@@ -14,6 +14,7 @@ import triton.language as tl
 
 from dynbatch_kernels import columns
 from dynbatch_kernels.chunks import ChunkTable
+from dynbatch_kernels.triton.launch import load_bound, on_device_of_first
 from dynbatch_kernels.triton.segments import reduce_segments
 
 #: Elements per loop step inside a chunk, and warps per program: the documented fixed choice of
@@ -70,12 +71,13 @@ def _sq_norm_kernel(
     partials_ptr,
     scale_ptr,
     HAS_SCALE: tl.constexpr,
+    ALIGNED: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     chunk = tl.program_id(0)
-    start = tl.load(starts_ptr + chunk)
-    end = tl.load(ends_ptr + chunk)
+    start = load_bound(starts_ptr + chunk, ALIGNED)
+    end = load_bound(ends_ptr + chunk, ALIGNED)
     scale = 1.0
     if HAS_SCALE:
         scale = tl.load(scale_ptr)
@@ -105,6 +107,7 @@ def _update_kernel(
     HAS_NORM: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    ALIGNED: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -113,8 +116,8 @@ def _update_kernel(
     seg = tl.load(chunk_segments_ptr + chunk)
     row = hyper_ptr + seg * NUM_HYPER
     active = tl.load(row + ACTIVE) != 0
-    start = tl.load(starts_ptr + chunk)
-    end = tl.where(active, tl.load(ends_ptr + chunk), start)
+    start = load_bound(starts_ptr + chunk, ALIGNED)
+    end = tl.where(active, load_bound(ends_ptr + chunk, ALIGNED), start)
     store_end = tl.where(_skipped(norm_sq_ptr, found_inf_ptr, HAS_NORM, HAS_FOUND_INF), start, end)
     beta1 = tl.load(row + BETA1)
     beta2 = tl.load(row + BETA2)
@@ -211,6 +214,7 @@ def _apply_kernel(
     HAS_MASTER: tl.constexpr,
     HAS_NORM: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    ALIGNED: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -219,8 +223,8 @@ def _apply_kernel(
     seg = tl.load(chunk_segments_ptr + chunk)
     row = hyper_ptr + seg * NUM_HYPER
     write = (tl.load(row + ACTIVE) != 0) & ~_skipped(norm_sq_ptr, found_inf_ptr, HAS_NORM, HAS_FOUND_INF)
-    start = tl.load(starts_ptr + chunk)
-    end = tl.where(write, tl.load(ends_ptr + chunk), start)
+    start = load_bound(starts_ptr + chunk, ALIGNED)
+    end = tl.where(write, load_bound(ends_ptr + chunk, ALIGNED), start)
     scale = tl.load(row + LR) * tl.load(stats_ptr + seg * NUM_STATS + RATIO)
     for offset in range(0, CHUNK, BLOCK):
         idx = start + offset + tl.arange(0, BLOCK)
@@ -237,6 +241,7 @@ def _block(chunks: ChunkTable) -> int:
     return min(BLOCK, triton.next_power_of_2(chunks.chunk_size))
 
 
+@on_device_of_first
 def segment_sq_norms(x: torch.Tensor, chunks: ChunkTable, scale: torch.Tensor | None) -> torch.Tensor:
     partials = torch.empty(chunks.num_chunks, 1, dtype=torch.float32, device=x.device)
     if chunks.num_chunks:
@@ -247,6 +252,7 @@ def segment_sq_norms(x: torch.Tensor, chunks: ChunkTable, scale: torch.Tensor | 
             partials,
             scale,
             HAS_SCALE=scale is not None,
+            ALIGNED=chunks.aligned,
             CHUNK=chunks.chunk_size,
             BLOCK=_block(chunks),
             num_warps=NUM_WARPS,
@@ -254,6 +260,7 @@ def segment_sq_norms(x: torch.Tensor, chunks: ChunkTable, scale: torch.Tensor | 
     return reduce_segments(partials, chunks).view(-1)
 
 
+@on_device_of_first
 def lamb_step_(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -269,7 +276,7 @@ def lamb_step_(
 ) -> torch.Tensor:
     w = param if master is None else master
     flags = dict(HAS_NORM=grad_sq_norm is not None, HAS_FOUND_INF=found_inf is not None)
-    tiling = dict(CHUNK=chunks.chunk_size, BLOCK=_block(chunks), num_warps=NUM_WARPS)
+    tiling = dict(ALIGNED=chunks.aligned, CHUNK=chunks.chunk_size, BLOCK=_block(chunks), num_warps=NUM_WARPS)
     partials = torch.empty(chunks.num_chunks, NUM_STATS, dtype=torch.float32, device=param.device)
     if chunks.num_chunks:
         _update_kernel[(chunks.num_chunks,)](
