@@ -35,6 +35,11 @@ micro-batch is dropped with a warning and counted in the record, and ``A`` is re
 rounding), and a finiteness pre-check would need a host decision before the pass. Under a GradScaler such
 a step also backs the scale off (see :mod:`~dynbatch_kernels.batching.amp`).
 
+**Under DDP** (``model=`` a ``DistributedDataParallel`` module) the accumulator owns the communication
+(:mod:`~dynbatch_kernels.batching.distributed`): per micro-batch one all-reduce of the sums, counts and
+loss (plus, with ``ddp_sync="exact"``, one of ``G``); with ``ddp_sync="local"`` one all-reduce of ``A`` at
+the step. Sample counts are global and every rank takes the same decisions; the sums are read at once.
+
 **Host reads**: only the ``[S, 4]`` sums, the loss and (once per step) the loss scale leave the device. On
 CUDA they go to pinned host memory by non-blocking copies and are read at the next call (``read_lag=1``),
 so the GPU never waits for the host: a decision that needs the sums is one micro-batch late (the step
@@ -53,9 +58,11 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from dynbatch_kernels import ops
 from dynbatch_kernels.batching import amp
+from dynbatch_kernels.batching.distributed import DDPReducer
 from dynbatch_kernels.batching.estimators import NoiseScaleEstimator, VarianceSums
 from dynbatch_kernels.batching.grads import Index, StepBuffers
 from dynbatch_kernels.batching.lr_rules import LRRule, scaled_lrs
@@ -117,6 +124,8 @@ class _Pending:
     from_zero: bool
     fresh: list[Index]
     events: list[torch.cuda.Event]
+    weighted: float | None = None  # sum_r n_r |g_r|^2 (scaled) under DDP; None: GRAD_SQ / samples
+    parts: int = 1  # the ranks' micro-batches in this one
 
 
 class GradientAccumulator:
@@ -138,7 +147,13 @@ class GradientAccumulator:
             not call ``scaler.step`` / ``scaler.update`` yourself. Policies and records see unscaled sums.
         max_grad_norm: clip the averaged gradient to this global L2 norm (as ``clip_grad_norm_``: factor
             ``min(1, max_grad_norm / (norm + 1e-6))``), the norm taken from the fused sums at no cost.
-        model: optional module whose ``named_parameters()`` name the segments (for the angle groups).
+        model: optional module whose ``named_parameters()`` name the segments (for the angle groups). A
+            ``DistributedDataParallel`` module makes the accumulator own the communication (see
+            :mod:`~dynbatch_kernels.batching.distributed`): it turns DDP's sync off, and sample counts,
+            sums, losses and decisions are global (the same on every rank).
+        ddp_sync: under DDP, ``"local"`` (default: no gradient traffic until the step, one all-reduce of
+            the accumulated buffer there; the policy sees the pooled within-rank angle) or ``"exact"``
+            (every micro-batch's gradient all-reduced: the angle of the global accumulated gradient).
         noise_beta: EMA factor of the online noise-scale estimator.
         read_lag: 0 reads the sums at once, 1 one micro-batch later (default: 1 on CUDA, 0 otherwise).
         history_size: :attr:`history` keeps the last this many :class:`StepRecord` (default
@@ -160,6 +175,7 @@ class GradientAccumulator:
         scaler: torch.amp.GradScaler | None = None,
         max_grad_norm: float | None = None,
         model: torch.nn.Module | None = None,
+        ddp_sync: str = "local",
         noise_beta: float = 0.9,
         read_lag: int | None = None,
         history_size: int | None = HISTORY_SIZE,
@@ -183,14 +199,17 @@ class GradientAccumulator:
         self.history: deque[StepRecord] = deque(maxlen=history_size)
         self.steps = 0  # finished accumulations, applied or dropped (the next record's ``step``)
         self.last_angle = math.nan  # the last whole-model angle of any step (for display)
+        self._ddp = DDPReducer(model, ddp_sync) if isinstance(model, DistributedDataParallel) else None
+        if self._ddp is not None:
+            model = model.module
         self._names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
         self._pending: _Pending | None = None
         self._buffers: StepBuffers | None = None
         layout = self._optimizer_layout()
         on_cuda = any(p.device.type == "cuda" for group in optimizer.param_groups for p in group["params"])
-        self.read_lag = int(on_cuda) if read_lag is None else read_lag
-        if self.read_lag not in (0, 1):
-            raise ValueError(f"read_lag: expected 0 or 1, got {read_lag!r}")
+        self.read_lag = int(on_cuda and self._ddp is None) if read_lag is None else read_lag
+        if self.read_lag not in (0, 1) or (self._ddp is not None and self.read_lag):
+            raise ValueError(f"read_lag: expected 0 or 1 (0 under DDP), got {read_lag!r}")
         self._reset_step()
         self._rebuild(layout)
 
@@ -215,6 +234,8 @@ class GradientAccumulator:
         if num_samples <= 0:
             raise ValueError(f"num_samples: expected a positive int, got {num_samples!r}")
         self._follow_optimizer()
+        if self._ddp is not None:
+            self._ddp.check_unsynced()
         fresh = self._buffers.gather()
         if fresh is None:
             raise RuntimeError(
@@ -244,6 +265,8 @@ class GradientAccumulator:
         if not self.accumulated:
             raise RuntimeError("step: expected at least one accumulate() since the last step, got none")
         sums = self._sums
+        if self._ddp is not None and not self._ddp.exact and sums.micro_batches:
+            self._reduce_accumulated()
         estimate = sums.estimate(self._acc_sq)
         if estimate is not None:
             self.estimator.update(estimate)
@@ -399,6 +422,7 @@ class GradientAccumulator:
         pin = self.read_lag == 1 and any(b.device.type == "cuda" for b in layout.buffers)
         self._host_sums = torch.zeros(sum(rows), 4, dtype=torch.float32, pin_memory=pin)
         self._host_rows = self._host_sums.split(rows)  # per buffer
+        self._segments = [(b, j) for b, count in enumerate(rows) for j in range(count)]  # the rows' order
         self._host_scalars = torch.zeros(2, dtype=torch.float32, pin_memory=pin)  # loss, loss scale
         names = [self._names.get(id(p), n) for b in layout.buffers for n, p in zip(b.names, b.params)]
         self.policy.bind(names)
@@ -418,37 +442,63 @@ class GradientAccumulator:
         self._estimates: tuple[float, float] | None = None
 
     def _launch(self, samples: int, loss: torch.Tensor | float | None, fresh: list[Index]) -> None:
-        """Back up ``A``, run the fused pass on every buffer and start the sums' trip to the host."""
+        """Back up ``A``, run the fused pass on every buffer and start the sums' trip to the host (under DDP:
+        their reduction)."""
         lagged = self.read_lag == 1
         if math.isnan(self._scale):  # the step's first micro-batch under a scaler
             self._host_scalars[1].copy_(amp.loss_scale(self.scaler), non_blocking=lagged)
-        buffers = self._buffers
         if not self._acc_empty:
-            buffers.launch_backup()
+            self._buffers.launch_backup()
+        if self._ddp is None:
+            self._pending = self._launch_local(samples, loss, fresh, lagged)
+        else:
+            self._pending = self._launch_reduced(samples, _loss_value(loss), fresh)
+        self._acc_empty = False
+        self._launched += 1
+
+    def _launch_local(
+        self, samples: int, loss: torch.Tensor | float | None, fresh: list[Index], lagged: bool
+    ) -> _Pending:
+        """One process: the fused pass, the sums (and a tensor loss) read now or copied for a lagged read."""
+        buffers = self._buffers
         sums: list[list[float]] | None = None if lagged else []
         for part, rows in zip(buffers.accumulate(float(samples)), self._host_rows):
             if lagged:
                 rows.copy_(part, non_blocking=True)
             else:
                 sums += part.tolist()
-        value, host_loss = math.nan, False
-        if isinstance(loss, torch.Tensor):
-            loss = loss.detach()
-            if lagged:
-                self._host_scalars[0].copy_(loss.reshape(()), non_blocking=True)
-                host_loss = True
-            else:
-                value = loss.item()
-        elif loss is not None:
-            value = float(loss)
+        host_loss = lagged and isinstance(loss, torch.Tensor)
+        if host_loss:
+            self._host_scalars[0].copy_(loss.detach().reshape(()), non_blocking=True)
         events = []
         if lagged:
             for device in dict.fromkeys(b.device for b in buffers.layout.buffers if b.device.type == "cuda"):
                 events.append(torch.cuda.Event())
                 events[-1].record(torch.cuda.current_stream(device))
-        self._pending = _Pending(samples, sums, value, host_loss, self._acc_empty, fresh, events)
-        self._acc_empty = False
-        self._launched += 1
+        value = math.nan if host_loss else _loss_value(loss)
+        return _Pending(samples, sums, value, host_loss, self._acc_empty, fresh, events)
+
+    def _launch_reduced(self, samples: int, loss: float, fresh: list[Index]) -> _Pending:
+        """Under DDP: the fused pass between :class:`DDPReducer`'s reductions; everything after is global."""
+        ddp, buffers = self._ddp, self._buffers
+        if ddp.exact:
+            weighted = ddp.reduce_gradient([b.grad for b in buffers.layout.buffers], samples)
+            parts = buffers.accumulate(1.0)
+        else:
+            parts = buffers.accumulate(float(samples))
+            weighted = ddp.local_weighted(parts, samples)
+        fresh_set = set(fresh)
+        present = torch.tensor([float(index in fresh_set) for index in self._segments])
+        sums, counts, weighted, total, loss = ddp.reduce_sums(parts, present, samples, loss, weighted)
+        fresh = [index for index, count in zip(self._segments, counts) if count > 0]
+        return _Pending(total, sums, loss, False, self._acc_empty, fresh, [], weighted, ddp.world_size)
+
+    def _reduce_accumulated(self) -> None:
+        """Local mode, at the step: ``A <- sum_r A_r`` and ``|A|^2`` of the global sum (one norm pass)."""
+        accs = self._buffers.acc
+        self._ddp.reduce_accumulated(accs)
+        acc_sq = sum(torch.linalg.vector_norm(a).square() for a in accs)
+        self._acc_sq = float(acc_sq) / self._scale**2
 
     def _resolve(self) -> None:
         """Read the pending micro-batch's sums: drop it if non-finite, else record it and ask the policy."""
@@ -458,8 +508,8 @@ class GradientAccumulator:
         if math.isnan(self._scale):
             self._scale = self._host_scalars[1].item()
         sums = self._host_sums.tolist() if pending.sums is None else pending.sums
-        if self._scale != 1.0:
-            unscale = self._scale**-2  # every column is quadratic in the gradient
+        unscale = self._scale**-2  # every column is quadratic in the gradient
+        if unscale != 1.0:
             sums = [[x * unscale for x in row] for row in sums]
         total = column_sums(sums)
         if not (math.isfinite(total[ops.GRAD_SQ]) and math.isfinite(total[ops.ACC_NEW_SQ])):
@@ -476,7 +526,10 @@ class GradientAccumulator:
         if self._estimates is None:  # from completed steps: constant within a step
             self._estimates = (self.estimator.trace, self.estimator.noise_scale)
         loss = self._host_scalars[0].item() if pending.host_loss else pending.loss
-        self._sums.add(pending.samples, total[ops.GRAD_SQ])
+        if pending.weighted is None:
+            self._sums.add(pending.samples, total[ops.GRAD_SQ])
+        else:
+            self._sums.add_parts(pending.samples, pending.weighted * unscale, pending.parts)
         self._acc_sq = total[ops.ACC_NEW_SQ]
         angle = sums_angle(total)
         if self._sums.micro_batches >= 2:
@@ -506,6 +559,13 @@ def _named_groups(groups: list[dict]) -> list[tuple[str, torch.Tensor]]:
         names = group.get("param_names") or [f"group{g}.param{i}" for i in range(len(group["params"]))]
         pairs.extend(zip(names, group["params"]))
     return pairs
+
+
+def _loss_value(loss: torch.Tensor | float | None) -> float:
+    """The loss as a host float (NaN: none)."""
+    if loss is None:
+        return math.nan
+    return loss.item() if isinstance(loss, torch.Tensor) else float(loss)
 
 
 def _lr_value(group: dict) -> float:

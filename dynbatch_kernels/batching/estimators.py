@@ -10,6 +10,9 @@ reports ``GRAD_SQ_k = n_k^2 |g_k|^2`` and ``ACC_NEW_SQ = |a|^2``. With ``N = sum
     B_simple    =  tr(Sigma) / |G_true|^2                           (the gradient noise scale [McC18])
 
 This is the sample-size-weighted form: with equal ``n_k = b`` it is ``b (sum |g_k|^2 - K|G|^2)/(K-1)``.
+Under DDP every rank's micro-batch is one of ``P = R K`` parts (``K - 1`` becomes ``P - 1``): with ``K = 1``
+and equal ``n_r = b`` this is [McC18]'s two-batch estimate from ``b`` and ``B = R b``, ``tr(Sigma) ~=
+(|G_small|^2 - |G_big|^2) / (1/b - 1/B)`` with ``|G_small|^2 = mean_r |g_r|^2`` and ``|G_big|^2 = |G|^2``.
 Single-step estimates are noisy (``|G_true|^2`` is often negative), so :class:`NoiseScaleEstimator` keeps
 bias-corrected exponential moving averages of ``tr(Sigma)`` and ``|G_true|^2`` and reports the ratio of
 the averages. Everything here is host arithmetic on a few floats per step.
@@ -35,25 +38,36 @@ class StepEstimate:
 
 
 class VarianceSums:
-    """The running host sums of one step: ``K``, ``N`` and ``sum_k GRAD_SQ_k / n_k``."""
+    """The running host sums of one step: ``K``, ``N``, the parts ``P`` and ``sum_p GRAD_SQ_p / n_p``.
+
+    A part is one micro-batch of one rank: ``P = K`` in one process, ``P = R K`` under DDP with ``R``
+    ranks, where the ranks' micro-batches are the small batches of [McC18]'s two-batch estimate.
+    """
 
     def __init__(self) -> None:
         self.micro_batches = 0
         self.samples = 0
+        self.parts = 0
         self.weighted_grad_sq = 0.0
 
     def add(self, samples: int, grad_sq: float) -> None:
-        """Record micro-batch ``k``: ``samples = n_k`` and ``grad_sq = |n_k g_k|^2``."""
+        """Record micro-batch ``k`` of one process: ``samples = n_k`` and ``grad_sq = |n_k g_k|^2``."""
+        self.add_parts(samples, grad_sq / samples, 1)
+
+    def add_parts(self, samples: int, weighted_grad_sq: float, parts: int) -> None:
+        """Record micro-batch ``k`` made of ``parts`` parts: ``samples = sum_p n_p`` and ``weighted_grad_sq
+        = sum_p n_p |g_p|^2``."""
         self.micro_batches += 1
         self.samples += samples
-        self.weighted_grad_sq += grad_sq / samples
+        self.parts += parts
+        self.weighted_grad_sq += weighted_grad_sq
 
     def estimate(self, acc_sq: float) -> StepEstimate | None:
-        """The step's estimates from ``acc_sq = |a|^2`` after its last micro-batch; None when ``K < 2``."""
-        if self.micro_batches < 2:
+        """The step's estimates from ``acc_sq = |a|^2`` after its last micro-batch; None when ``P < 2``."""
+        if self.parts < 2:
             return None
         n = self.samples
-        trace = (self.weighted_grad_sq - acc_sq / n) / (self.micro_batches - 1)
+        trace = (self.weighted_grad_sq - acc_sq / n) / (self.parts - 1)
         return StepEstimate(trace=trace, grad_sq=acc_sq / n**2 - trace / n)
 
     def state_dict(self) -> dict:
@@ -61,7 +75,7 @@ class VarianceSums:
 
     def load_state_dict(self, state: dict) -> None:
         self.micro_batches, self.samples = int(state["micro_batches"]), int(state["samples"])
-        self.weighted_grad_sq = float(state["weighted_grad_sq"])
+        self.parts, self.weighted_grad_sq = int(state["parts"]), float(state["weighted_grad_sq"])
 
 
 class NoiseScaleEstimator:
