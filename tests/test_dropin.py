@@ -540,3 +540,20 @@ def test_frozen_parameters_are_untouched(make):
     assert (
         torch.equal(model[0].bias.detach(), mlp()[0].bias.detach()) and opt.state[model[0].bias]["step"] == 0
     )
+
+
+@every_optimizer
+def test_a_tensor_listed_twice_in_a_group_warns_like_torch_and_is_optimized_once(make):
+    model, twin = mlp(), mlp()
+    params = list(model.parameters())
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        opt = make([{"params": [*params, params[0]]}])
+    train(model, opt, batches(3))
+    train(twin, make(twin.parameters()), batches(3))
+    assert_same(model, twin)
+
+
+@every_optimizer
+def test_a_multi_element_tensor_lr_is_a_value_error_like_torch(make):
+    with pytest.raises(ValueError, match="lr: expected a 1-element tensor"):
+        make([{"params": list(mlp().parameters()), "lr": torch.tensor([0.1, 0.2])}])

@@ -428,7 +428,7 @@ def test_extrapolate_clears_the_gradient(bound):
 BAD_ARGS = {
     "lr-negative": ({"lr": -0.1}, ValueError, "lr: expected a finite float >= 0, got -0.1"),
     "lr-nan": ({"lr": float("nan")}, ValueError, "lr: expected"),
-    "lr-vector": ({"lr": torch.tensor([0.1, 0.2])}, TypeError, "lr: expected a float or a CPU scalar tensor"),
+    "lr-vector": ({"lr": torch.tensor([0.1, 0.2])}, ValueError, "lr: expected a 1-element tensor"),
     "momentum-one": ({"momentum": 1.0}, ValueError, r"momentum: expected a float in \[0, 1\), got 1.0"),
     "momentum-negative": ({"momentum": -0.1}, ValueError, "momentum"),
     "weight-decay": ({"weight_decay": -1e-4}, ValueError, "weight_decay"),

@@ -52,7 +52,7 @@ duration of ``step()``).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from copy import deepcopy
 from dataclasses import dataclass, field
 from itertools import chain
@@ -372,7 +372,8 @@ class FlatOptimizer(torch.optim.Optimizer):
         """Make the layout cover every parameter, allocate the flat state, point ``self.state`` into it and
         carry over the state held so far (cast; restarted for a parameter whose size changed). The
         parameters whose ids are in ``recast`` changed device or dtype: not an outside change."""
-        params = [p for group in self.param_groups for p in group["params"]]
+        # a group may list a tensor twice (torch warns, in add_param_group): it is one segment
+        params = list({id(p): p for group in self.param_groups for p in group["params"]}.values())
         check_params([(f"params[{i}]", p) for i, p in enumerate(params)])
         for p in params:
             if p.dtype not in GRAD_DTYPES:
@@ -388,14 +389,11 @@ class FlatOptimizer(torch.optim.Optimizer):
                 f"got {len(missing)} outside it (the first of shape {tuple(missing[0].shape)})"
             )
         if missing:
-            layout = FlatLayout(
-                (
-                    (name, p)
-                    for g, group in enumerate(self.param_groups)
-                    for name, p in zip(group.get("param_names", _default_names(g, group)), group["params"])
-                ),
-                bind=False,
-            )
+            named: dict[int, tuple[str, torch.Tensor]] = {}
+            for g, group in enumerate(self.param_groups):
+                for name, p in zip(group.get("param_names", _default_names(g, group)), group["params"]):
+                    named.setdefault(id(p), (name, p))
+            layout = FlatLayout(list(named.values()), bind=False)
         group_of = {id(p): g for g, group in enumerate(self.param_groups) for p in group["params"]}
         self._layout = layout
         self.flat_states = [self._new_state(buf, group_of) for buf in layout.buffers]
@@ -445,3 +443,24 @@ def _contains(layout: FlatLayout, param: torch.Tensor) -> bool:
 
 def _default_names(g: int, group: dict[str, Any]) -> list[str]:
     return [f"group{g}.param{i}" for i in range(len(group["params"]))]
+
+
+def real_value(value: float | torch.Tensor) -> float:
+    """A hyper-parameter as a Python float (a CPU scalar tensor is read on the host)."""
+    return float(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+def check_real(where: str, name: str, value: Any, ok: Callable[[float], bool], expected: str) -> None:
+    """Check one real hyper-parameter (a number or a one-element CPU tensor, as torch.optim accepts for lr):
+    ``TypeError`` for the wrong kind, ``ValueError`` for a value outside ``ok``, naming ``where + name``."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{where}{name}: expected a 1-element tensor, got shape {tuple(value.shape)}")
+        if value.device.type != "cpu":
+            raise TypeError(
+                f"{where}{name}: expected a float or a CPU scalar tensor, got one on {value.device}"
+            )
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{where}{name}: expected {expected}, got {value!r}")
+    if not ok(real_value(value)):
+        raise ValueError(f"{where}{name}: expected {expected}, got {value!r}")

@@ -11,7 +11,7 @@ import torch
 
 from dynbatch_kernels import ops
 from dynbatch_kernels.layout import FlatBuffer, FlatLayout
-from dynbatch_kernels.optim.base import FlatOptimizer, FlatState
+from dynbatch_kernels.optim.base import FlatOptimizer, FlatState, check_real, real_value
 
 MODES = ("local", "past")
 
@@ -248,8 +248,8 @@ class ExtrapSGD(FlatOptimizer):
             return ops.extrap_hyper_row(lr=0.0, extrapolation_lr=0.0, active=False)
         gamma = group["extrapolation_lr"]
         return ops.extrap_hyper_row(
-            lr=_real(group["lr"]),
-            extrapolation_lr=_real(group["lr"] if gamma is None else gamma),
+            lr=real_value(group["lr"]),
+            extrapolation_lr=real_value(group["lr"] if gamma is None else gamma),
             momentum=group["momentum"],
             nesterov=group["nesterov"],
             weight_decay=group["weight_decay"],
@@ -259,13 +259,7 @@ class ExtrapSGD(FlatOptimizer):
         """Validate one group's hyper-parameters; errors name the argument, the expectation and the value."""
 
         def number(name: str, ok: Callable[[float], bool], expected: str) -> None:
-            value = group[name]
-            if isinstance(value, torch.Tensor) and not (value.numel() == 1 and value.device.type == "cpu"):
-                raise TypeError(f"{where}{name}: expected a float or a CPU scalar tensor, got {value!r}")
-            if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
-                raise TypeError(f"{where}{name}: expected {expected}, got {value!r}")
-            if not ok(_real(value)):
-                raise ValueError(f"{where}{name}: expected {expected}, got {value!r}")
+            check_real(where, name, group[name], ok, expected)
 
         number("lr", lambda v: math.isfinite(v) and v >= 0.0, "a finite float >= 0")
         number("momentum", lambda v: 0.0 <= v < 1.0, "a float in [0, 1)")
@@ -343,7 +337,3 @@ def _copy_segments(dst: torch.Tensor, src: torch.Tensor, buf: FlatBuffer, segmen
     for j in segments:
         lo, hi = buf.bounds[j]
         dst[lo:hi].copy_(src[lo:hi])
-
-
-def _real(value: float | torch.Tensor) -> float:
-    return float(value.item() if isinstance(value, torch.Tensor) else value)

@@ -10,7 +10,7 @@ import torch
 
 from dynbatch_kernels import ops
 from dynbatch_kernels.layout import FlatLayout
-from dynbatch_kernels.optim.base import FlatOptimizer
+from dynbatch_kernels.optim.base import FlatOptimizer, check_real
 
 
 class FusedLAMB(FlatOptimizer):
@@ -210,12 +210,7 @@ class FusedLAMB(FlatOptimizer):
         """Validate one group's options; errors name the option, what was expected and what was given."""
 
         def real(name: str, value: Any, ok: Callable[[float], bool], expected: str) -> None:
-            if isinstance(value, torch.Tensor) and value.numel() == 1 and value.device.type == "cpu":
-                value = value.item()
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{where}{name}: expected {expected}, got {value!r}")
-            if not ok(float(value)):
-                raise ValueError(f"{where}{name}: expected {expected}, got {value!r}")
+            check_real(where, name, value, ok, expected)
 
         def flag(name: str) -> None:
             if not isinstance(group[name], bool):
