@@ -39,6 +39,7 @@ class FlatBuffer:
     #: The parameters' shapes when the buffer was built (their segments' views have these).
     shapes: list[torch.Size] = field(init=False, repr=False)
     _views: dict[int, list[torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
+    _starts: dict[tuple[int, int], list[int]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.shapes = [p.shape for p in self.params]
@@ -86,15 +87,27 @@ class FlatBuffer:
         self, flat: torch.Tensor, tensors: list[torch.Tensor | None], segments: Iterable[int] | None = None
     ) -> list[int]:
         """The segments (``segments``, default all) whose tensor in ``tensors`` is ``None`` or not the view of
-        its segment of ``flat`` (an empty tensor always counts as the view)."""
-        base, size, dtype = flat.data_ptr(), flat.element_size(), flat.dtype  # one address space, all devices
-        indices = range(self.num_segments) if segments is None else segments
-        bounds = self.bounds
-        return [
-            j
-            for j, t in zip(indices, tensors)
-            if t is None or not _is_view(t, base + bounds[j][0] * size, dtype)
-        ]
+        its segment of ``flat``. A tensor that starts at its segment's address lies in ``flat``'s storage and
+        is taken to be that view (only a dtype or stride reinterpretation of the package's own buffer could
+        differ; checking for it would double the cost of this per-step scan); an empty tensor always is."""
+        starts = self._segment_starts(flat)
+        if segments is None:
+            pairs = enumerate(zip(tensors, starts))
+        else:
+            pairs = ((j, (t, starts[j])) for j, t in zip(segments, tensors))
+        # inline, not a helper: this scan runs over every parameter several times per step
+        return [j for j, (t, a) in pairs if t is None or (t.data_ptr() != a and t.numel() != 0)]
+
+    def _segment_starts(self, flat: torch.Tensor) -> list[int]:
+        """The address of every segment of ``flat`` (one address space, all devices); cached for the last few
+        storages (``data``, ``grad`` and the accumulator's swapped buffers)."""
+        key = (flat.data_ptr(), flat.element_size())
+        starts = self._starts.get(key)
+        if starts is None:
+            if len(self._starts) >= 4:
+                self._starts.clear()
+            starts = self._starts[key] = [key[0] + lo * key[1] for lo, _ in self.bounds]
+        return starts
 
     @torch.no_grad()
     def gather_grads(self) -> list[bool]:
@@ -260,11 +273,6 @@ class FlatLayout:
     def stale(self) -> str | None:
         """The first parameter that no longer matches its segment (see :meth:`FlatBuffer.stale`), or None."""
         return next((name for buf in self.buffers if (name := buf.stale()) is not None), None)
-
-
-def _is_view(t: torch.Tensor, address: int, dtype: torch.dtype) -> bool:
-    """Whether ``t`` is a contiguous tensor of ``dtype`` starting at ``address`` (an empty one always is)."""
-    return (t.data_ptr() == address and t.dtype == dtype and t.is_contiguous()) or t.numel() == 0
 
 
 def _copy(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
