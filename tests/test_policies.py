@@ -24,6 +24,7 @@ from dynbatch_kernels.batching import (
     StepSummary,
     infer_groups,
 )
+from dynbatch_kernels.data import load_digits_split, micro_batches
 
 
 def make(policy, lr: float = 0.0):
@@ -106,6 +107,70 @@ def test_monitored_group_drives_the_decision():
         )
         k, _ = first_step(acc, grads)
         assert k == expected, groups
+
+
+def test_all_zero_group_is_skipped_and_the_whole_model_drives_the_step():
+    """layers.1. gets no gradient (an unused block): monitored, it has no angle and would never fire."""
+    model = tiny_model()
+    names = [n for n, _ in model.named_parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+    unused = torch.cat([torch.full((s,), n.startswith("layers.1.")) for n, s in zip(names, sizes)])
+    grads = []
+    for g in angle_sequence([50, 40, 30, 34, 33], int((~unused).sum())):
+        full = torch.zeros(len(unused))
+        full[~unused] = g
+        grads.append(full)
+    acc = GradientAccumulator(
+        torch.optim.SGD(model.parameters(), lr=0.0), AnglePolicy(groups="auto", max_samples=100), model=model
+    )
+    policy = acc.policy
+    policy.group = policy.group_names.index("layers.1.")  # as if drawn before any gradient was seen
+    assert [feed(acc, g) for g in grads[:5]] == [False] * 4 + [True]
+    assert policy.fired and policy.monitored is None  # the whole model's angles fired
+    assert policy.angles == pytest.approx([50, 40, 30, 34], abs=1e-2)
+    assert policy.zero == [False, True] and all(math.isnan(a) for a in policy.group_angles[1])
+    acc.step()
+    weights = list(policy.weights)
+    assert weights[1] == 1.0 > weights[0]  # never scored: the old draw favoured the zero group
+    summary = StepSummary(1, 1, None, math.nan, 0.0, stepped=True)
+    for _ in range(100):
+        policy.end_step(summary)
+        assert policy.monitored == "layers.0."
+    policy.zero = [True, True]  # every group zero: all are drawn from again
+    draws = set()
+    for _ in range(100):
+        policy.end_step(summary)
+        draws.add(policy.monitored)
+    assert draws == {"layers.0.", "layers.1."}
+
+
+class UnusedBlockMLP(torch.nn.Module):
+    """The tiny digits MLP whose block ``layers.1.`` is never used (like an unrouted Transformer layer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = tiny_model()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp.head(torch.relu(self.mlp.layers[0](torch.relu(self.mlp.inp(x)))))
+
+
+def test_angle_policy_fires_on_a_real_model_with_an_unused_block():
+    model = UnusedBlockMLP()
+    policy = AnglePolicy(groups="auto", max_samples=256, seed=1)
+    acc = GradientAccumulator(torch.optim.SGD(model.parameters(), lr=0.1), policy, model=model)
+    assert policy.group_names == ["mlp.layers.0.", "mlp.layers.1."]
+    data = load_digits_split()
+    for xb, yb in micro_batches(data.x_train, data.y_train, 8, torch.Generator().manual_seed(0)):
+        torch.nn.functional.cross_entropy(model(xb), yb).backward()
+        if acc.accumulate(num_samples=len(yb)):
+            if policy.monitored is not None:  # the group's angles from micro-batch 2 on
+                assert all(math.isfinite(a) for a in policy.group_angles[policy.group][1:])
+            acc.step()
+    history = list(acc.history)
+    assert policy.zero == [False, True] and len(history) > 10
+    assert all(r.group == "mlp.layers.0." for r in history[1:])
+    assert sum(r.forced for r in history) <= 1
 
 
 def test_infer_groups_from_numbered_prefixes():

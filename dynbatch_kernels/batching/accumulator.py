@@ -291,6 +291,7 @@ class GradientAccumulator:
         if self.scaler is not None:
             amp.update_scale(self.scaler, found_inf=self._nonfinite > 0)
         loss = self._loss_sum / self._loss_samples if self._loss_samples else math.nan
+        group = getattr(self.policy, "monitored", None)  # read before end_step draws the next one
         self.policy.end_step(StepSummary(sums.micro_batches, sums.samples, estimate, loss, lr, stepped=apply))
         record = StepRecord(
             step=self.steps,
@@ -307,7 +308,7 @@ class GradientAccumulator:
             dropped=not apply,
             forced=forced,
             nonfinite=self._nonfinite,
-            group=self._group,
+            group=group,
         )
         self.history.append(record)
         self.steps += 1
@@ -426,7 +427,6 @@ class GradientAccumulator:
         self._host_scalars = torch.zeros(2, dtype=torch.float32, pin_memory=pin)  # loss, loss scale
         names = [self._names.get(id(p), n) for b in layout.buffers for n, p in zip(b.names, b.params)]
         self.policy.bind(names)
-        self._group = getattr(self.policy, "monitored", None)
 
     def _reset_step(self) -> None:
         self._sums = VarianceSums()
@@ -435,7 +435,6 @@ class GradientAccumulator:
         self._loss_sum, self._loss_samples = 0.0, 0
         self._nonfinite = 0
         self._ready = False
-        self._group = getattr(self.policy, "monitored", None)
         self._acc_empty = True
         self._launched = 0
         self._scale = math.nan if self.scaler is not None else 1.0  # the step's loss scale, once read

@@ -167,6 +167,10 @@ class AnglePolicy(BatchPolicy):
     The fused sums give every group's angles at no cost, so with ``score_all_groups`` (default) every
     group's weight is updated each step; the paper, which paid for each monitored angle, updated only the
     monitored group's (``score_all_groups=False``).
+
+    A group whose accumulated gradient is all zero (``|A|^2 = 0``: frozen or unused layers) has no angle.
+    It is marked ``zero`` (per group, from its last micro-batch seen) and not drawn while it stays so; when
+    the monitored group is all zero after a micro-batch, the whole model drives the rest of the step.
     """
 
     def __init__(
@@ -197,6 +201,7 @@ class AnglePolicy(BatchPolicy):
         self.group_names: list[str] = []
         self._members: list[list[int]] | None = None  # per group: its segments (rows of the sums)
         self.weights: list[float] = []
+        self.zero: list[bool] = []  # per group: its accumulated gradient was all zero when last seen
         self.group = 0
         self._rng = random.Random(seed)
         self._reset_step()
@@ -204,18 +209,19 @@ class AnglePolicy(BatchPolicy):
     def _reset_step(self) -> None:
         self.a_min = math.nan
         self.count = 0
+        self.fallback = False  # the monitored group is all zero: the whole model drives this step
         self.angles: list[float] = []  # the monitored angles of this step
         self.group_angles: list[list[float]] = [[] for _ in self.group_names]
 
     @property
     def monitored(self) -> str | None:
         """The name of the group driving this step's decision (None: the whole model)."""
-        return self.group_names[self.group] if self.group_names else None
+        return self.group_names[self.group] if self.group_names and not self.fallback else None
 
     def bind(self, names: Sequence[str]) -> None:
         """(Re)build the group membership. Called again when the optimizer's parameters change: weights
-        are kept by group name (a new group starts at 1.0); a change of the group set restarts the step's
-        rule and re-draws the monitored group."""
+        and zero marks are kept by group name (a new group starts at 1.0, not zero); a change of the group
+        set restarts the step's rule and re-draws the monitored group."""
         if self.groups_spec is None:
             return
         spec = infer_groups(names) if self.groups_spec == "auto" else self.groups_spec
@@ -226,9 +232,10 @@ class AnglePolicy(BatchPolicy):
                 raise ValueError(f"groups: group {group!r} matches no parameter name (entries {entries})")
         self._members = members
         if list(spec) != self.group_names:
-            weights = dict(zip(self.group_names, self.weights))
+            weights, zero = dict(zip(self.group_names, self.weights)), dict(zip(self.group_names, self.zero))
             self.group_names = list(spec)
             self.weights = [weights.get(g, 1.0) for g in self.group_names]
+            self.zero = [zero.get(g, False) for g in self.group_names]
             self._reset_step()
             self._draw()
 
@@ -236,8 +243,12 @@ class AnglePolicy(BatchPolicy):
         angle = obs.angle
         if self._members is not None:
             for g, rows in enumerate(self._members):
-                self.group_angles[g].append(sums_angle(column_sums([obs.sums[j] for j in rows])))
-            angle = self.group_angles[self.group][-1]
+                row = column_sums([obs.sums[j] for j in rows])
+                self.zero[g] = not row[ACC_NEW_SQ] > 0
+                self.group_angles[g].append(sums_angle(row))
+            self.fallback = self.fallback or self.zero[self.group]
+            if not self.fallback:
+                angle = self.group_angles[self.group][-1]
         if math.isnan(angle):  # k = 1: no previous direction
             return False
         self.angles.append(angle)
@@ -268,8 +279,12 @@ class AnglePolicy(BatchPolicy):
         self._reset_step()
 
     def _draw(self) -> None:
-        top = max(self.weights)
-        self.group = self._rng.choices(range(len(self.weights)), [math.exp(w - top) for w in self.weights])[0]
+        """Draw the next monitored group from ``softmax(weights)`` over the groups not marked zero (or over
+        all of them if every one is)."""
+        live = [not z for z in self.zero] if not all(self.zero) else [True] * len(self.zero)
+        top = max(w for w, ok in zip(self.weights, live) if ok)
+        odds = [math.exp(w - top) if ok else 0.0 for w, ok in zip(self.weights, live)]
+        self.group = self._rng.choices(range(len(self.weights)), odds)[0]
 
     def state_dict(self) -> dict:
         return {
@@ -280,11 +295,14 @@ class AnglePolicy(BatchPolicy):
             "group_angles": [list(a) for a in self.group_angles],
             "group_names": list(self.group_names),
             "weights": list(self.weights),
+            "zero": list(self.zero),
+            "fallback": self.fallback,
             "group": self.group,
             "rng": self._rng.getstate(),
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """A state saved before the zero marks existed loads with none marked (its old behaviour)."""
         super().load_state_dict(state)
         if list(state["group_names"]) != self.group_names:
             raise ValueError(
@@ -294,6 +312,8 @@ class AnglePolicy(BatchPolicy):
         self.angles = list(state["angles"])
         self.group_angles = [list(a) for a in state["group_angles"]]
         self.weights, self.group = list(state["weights"]), int(state["group"])
+        self.zero = [bool(z) for z in state.get("zero", [False] * len(self.group_names))]
+        self.fallback = bool(state.get("fallback", False))
         self._rng.setstate(state["rng"])
 
 
