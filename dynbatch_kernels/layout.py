@@ -245,10 +245,14 @@ class FlatLayout:
 
     def locate(self, param: torch.Tensor) -> tuple[int, int]:
         """``(buffer index, segment index)`` of ``param``."""
-        try:
-            return self._where[id(param)]
-        except KeyError:
-            raise KeyError(f"param: a tensor of shape {tuple(param.shape)} not in this layout") from None
+        where = self.find(param)
+        if where is None:
+            raise KeyError(f"param: a tensor of shape {tuple(param.shape)} not in this layout")
+        return where
+
+    def find(self, param: torch.Tensor) -> tuple[int, int] | None:
+        """``(buffer index, segment index)`` of ``param``, or None when it is not in this layout."""
+        return self._where.get(id(param))
 
     def only(self) -> FlatBuffer:
         """The single buffer of a single-(device, dtype) layout."""

@@ -21,7 +21,7 @@ import torch
 
 from dynbatch_kernels.backends import backend_module
 from dynbatch_kernels.checks import GRAD_DTYPES, check_flat, check_same, chunk_table_for
-from dynbatch_kernels.layout import FlatBuffer, FlatLayout
+from dynbatch_kernels.layout import FlatLayout
 
 Index = tuple[int, int]  # (buffer, segment)
 
@@ -45,7 +45,7 @@ class StepBuffers:
         ]
         self.trainable = tuple(p.requires_grad for p in layout.params)
         self._grads = [b.grad for b in buffers]  # the G each view list belongs to
-        self._views = [_views(b, b.grad) for b in buffers]
+        self._views = [b.segment_views(b.grad) for b in buffers]
         self._acc_views: list[list[torch.Tensor] | None] = [None] * len(buffers)  # A's, once swapped
         self._bound: list[list[torch.Tensor | None]] = [[None] * b.num_segments for b in buffers]
         self.present = [[False] * b.num_segments for b in buffers]
@@ -65,7 +65,7 @@ class StepBuffers:
         arrived = bool(self.hits)
         for b, buf in enumerate(self.layout.buffers):
             if buf.grad is not self._grads[b]:  # G replaced by the layout's owner: move our views over
-                self._grads[b], self._views[b] = buf.grad, _views(buf, buf.grad)
+                self._grads[b], self._views[b] = buf.grad, buf.segment_views(buf.grad)
                 for j in range(buf.num_segments):
                     self._move_bound(b, j, self, b, j)
             bound = self._bound[b]
@@ -131,7 +131,7 @@ class StepBuffers:
             if buf.grad.dtype == torch.float32:
                 if scale is not None and scale != 1.0:
                     acc.mul_(scale)
-                views = self._acc_views[b] or _views(buf, acc)
+                views = self._acc_views[b] or buf.segment_views(acc)
                 self._acc_views[b], self._views[b] = self._views[b], views
                 self.acc[b], buf.grad = buf.grad, acc
                 self._grads[b] = acc
@@ -168,7 +168,7 @@ class StepBuffers:
         gradient of the micro-batch in flight (``p.grad`` views into the old ``G``), participation, hits."""
         for ob, obuf in enumerate(old.layout.buffers):
             for oj, p in enumerate(obuf.params):
-                where = _locate(self.layout, p)
+                where = self.layout.find(p)
                 if where is None:
                     continue
                 b, j = where
@@ -177,7 +177,7 @@ class StepBuffers:
                 old._move_bound(ob, oj, self, b, j)
                 if old.present[ob][oj]:
                     self.commit([(b, j)])
-        self.hits.extend(p for p in old.hits if _locate(self.layout, p) is not None)
+        self.hits.extend(p for p in old.hits if self.layout.find(p) is not None)
 
     def _move_bound(self, b: int, j: int, to: StepBuffers, tb: int, tj: int) -> None:
         """If ``p.grad`` (parameter ``j`` of buffer ``b``) is still our view, copy it into ``to``'s view of
@@ -189,15 +189,3 @@ class StepBuffers:
                 view.copy_(p.grad)
                 p.grad = view
             to._bound[tb][tj] = view
-
-
-def _locate(layout: FlatLayout, param: torch.Tensor) -> Index | None:
-    try:
-        return layout.locate(param)
-    except KeyError:
-        return None
-
-
-def _views(buf: FlatBuffer, flat: torch.Tensor) -> list[torch.Tensor]:
-    """Every parameter's segment of ``flat`` in its shape."""
-    return [flat[lo:hi].view(p.shape) for p, (lo, hi) in zip(buf.params, buf.bounds)]

@@ -382,7 +382,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         previous = {p: dict(self.state[p]) for p in params if p in self.state}
         left = {id(p): mark for st in self.flat_states for p, mark in zip(st.buffer.params, st.marks)}
         layout = self._layout
-        missing = [p for p in params if layout is None or not _contains(layout, p)]
+        missing = [p for p in params if layout is None or layout.find(p) is None]
         if missing and not self._owns_layout:
             raise ValueError(
                 f"layout: expected every parameter of the optimizer in the given layout, "
@@ -431,14 +431,6 @@ class FlatOptimizer(torch.optim.Optimizer):
 def _marks(params: list[torch.Tensor]) -> list[tuple[int, int]]:
     """What changes when anyone but the optimizer writes a parameter (except in place through ``p.data``)."""
     return [(p.data_ptr(), p._version) for p in params]
-
-
-def _contains(layout: FlatLayout, param: torch.Tensor) -> bool:
-    try:
-        layout.locate(param)
-    except KeyError:
-        return False
-    return True
 
 
 def _default_names(g: int, group: dict[str, Any]) -> list[str]:
