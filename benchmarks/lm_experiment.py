@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", type=int, nargs=3, help="small, medium, large fixed batches")
     parser.add_argument("--min-batch", type=int, default=16)
     parser.add_argument("--max-batch", type=int, default=1024)
-    parser.add_argument("--lamb-lrs", type=float, nargs=3, default=[1e-2, 3e-2, 1e-1], help="to tune")
+    parser.add_argument("--lamb-lrs", type=float, nargs=3, default=[2e-3, 4e-3, 8e-3], help="to tune")
     parser.add_argument("--adamw-lr", type=float, default=3e-3)
     parser.add_argument("--sgd-lr", type=float, default=0.1, help="Nesterov SGD and ExtrapSGD")
     parser.add_argument("--threads", type=int)

@@ -5,7 +5,8 @@
 
 No GPU needed: each variant is compiled to PTX and run through Triton's ptxas
 (:mod:`dynbatch_kernels.triton.sm90`). "aligned" variants run on chunk tables whose bounds are multiples
-of 16 elements (a ``FlatLayout`` with the default ``align=16``).
+of 16 elements (a ``FlatLayout`` with the default ``align=16``) and whose operands' virtual base addresses
+are all 16-byte aligned: their vector body is followed by one scalar tail step of 16 elements.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ def report(compiled: list[Compiled]) -> str:
         "128-bit global loads (and 128-bit stores where they store elements).",
         f"- {len(spilling)} variants spill registers.",
         "",
-        "Widths are the widest `ld.global` / `st.global` in bits (the chunk-bound loads are 64-bit; the",
-        "per-chunk partial sums are stored as 32-bit scalars).",
+        "Widths are the widest `ld.global` / `st.global` in bits (the address-table and chunk-bound loads",
+        "are 64-bit; the per-chunk partial sums are stored as 32-bit scalars).",
         "",
         "| variant | registers | spill bytes | widest load | widest store |",
         "| --- | ---: | ---: | ---: | ---: |",

@@ -8,22 +8,22 @@ namespace {
 
 using namespace columns::acc;  // kDot, kGradSq, kOldSq, kNewSq, kNumSums
 
-// One chunk [start, end): the update and its four partial sums.
+// One chunk of n elements: the update and its four partial sums.
 template <typename grad_t, bool kZeroGrad>
-DYNBATCH_VECTORIZED void accumulate_chunk(float* __restrict acc, grad_t* __restrict grad, int64_t start,
-                                          int64_t end, float scale, float* __restrict out) {
+DYNBATCH_VECTORIZED void accumulate_chunk(float* __restrict acc, grad_t* __restrict grad, int64_t n,
+                                          float scale, float* __restrict out) {
   float dot = 0.f, gg = 0.f, aa = 0.f, nn = 0.f;
 #pragma omp simd reduction(+ : dot, gg, aa, nn)
-  for (int64_t i = start; i < end; ++i) {
+  for (int64_t i = 0; i < n; ++i) {
     const float a = acc[i];
     const float g = static_cast<float>(grad[i]) * scale;
-    const float n = a + g;
-    acc[i] = n;
+    const float n_ = a + g;
+    acc[i] = n_;
     if constexpr (kZeroGrad) grad[i] = grad_t(0);
     dot += a * g;
     gg += g * g;
     aa += a * a;
-    nn += n * n;
+    nn += n_ * n_;
   }
   out[kDot] = dot;
   out[kGradSq] = gg;
@@ -32,30 +32,31 @@ DYNBATCH_VECTORIZED void accumulate_chunk(float* __restrict acc, grad_t* __restr
 }
 
 template <typename grad_t, bool kZeroGrad>
-void accumulate_chunks(float* acc, grad_t* grad, const int64_t* starts, const int64_t* ends,
-                       float* partials, int64_t num_chunks, float scale) {
-  at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
+void accumulate_chunks(const Operand& acc, const Operand& grad, const Chunks& t, float* partials,
+                       float scale) {
+  at::parallel_for(0, t.num_chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
-      accumulate_chunk<grad_t, kZeroGrad>(acc, grad, starts[c], ends[c], scale, partials + c * kNumSums);
+      const int64_t seg = t.chunk_segments[c], lo = t.starts[c];
+      accumulate_chunk<grad_t, kZeroGrad>(acc.chunk<float>(seg, lo), grad.chunk<grad_t>(seg, lo),
+                                          t.ends[c] - lo, scale, partials + c * kNumSums);
     }
   });
 }
 
-at::Tensor accumulate_cpu(at::Tensor acc, at::Tensor grad, const at::Tensor& chunk_starts,
+at::Tensor accumulate_cpu(at::TensorList acc_list, at::TensorList grad_list, const at::Tensor& host_offsets,
+                          const at::Tensor& host_lengths, const at::Tensor& chunk_starts,
                           const at::Tensor& chunk_ends, const at::Tensor& segment_chunks,
-                          double scale, bool zero_grad) {
-  TORCH_CHECK(acc.scalar_type() == at::kFloat && acc.is_contiguous(), "acc must be contiguous float32");
-  TORCH_CHECK(grad.is_contiguous() && grad.numel() == acc.numel(), "grad must be contiguous, as long as acc");
-  check_chunk_table(chunk_starts, chunk_ends, segment_chunks);
-  const int64_t num_chunks = chunk_starts.numel();
-  auto partials = at::empty({num_chunks, kNumSums}, acc.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "accumulate_", [&] {
+                          const at::Tensor& chunk_segments, double scale, bool zero_grad) {
+  const Chunks table =
+      check_chunks(host_offsets, host_lengths, chunk_starts, chunk_ends, segment_chunks, chunk_segments);
+  const Operand acc = cpu_operand("acc", acc_list, table, at::kFloat);
+  const Operand grad = cpu_operand("grad", grad_list, table);
+  auto partials = at::empty({table.num_chunks, kNumSums}, at::TensorOptions().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype_or(grad, at::kFloat), "accumulate_", [&] {
     auto* run = zero_grad ? accumulate_chunks<scalar_t, true> : accumulate_chunks<scalar_t, false>;
-    run(acc.data_ptr<float>(), grad.data_ptr<scalar_t>(), chunk_starts.data_ptr<int64_t>(),
-        chunk_ends.data_ptr<int64_t>(), partials.data_ptr<float>(), num_chunks,
-        static_cast<float>(scale));
+    run(acc, grad, table, partials.data_ptr<float>(), static_cast<float>(scale));
   });
-  return reduce_chunks(partials, segment_chunks);
+  return reduce_chunks(partials, table);
 }
 
 }  // namespace

@@ -5,7 +5,8 @@
 //                  then optionally extrapolate_ from w' along g:
 //                  saved <- w';  params <- w' - gamma (g + lam w')
 // Hyper-parameters are per segment: chunk c reads row chunk_segments[c] of the [S, kNumHyper] float32
-// table (columns.h); a segment whose active column is 0 is left untouched.
+// table (columns.h); a segment whose active column is 0 is left untouched. Every tensor operand is a flat
+// buffer or one tensor per segment (chunks.h).
 #include "chunks.h"
 #include "columns.h"
 
@@ -16,10 +17,9 @@ using namespace columns::extrap;  // kLr ... kActive, kNumHyper
 
 template <typename param_t, typename grad_t, bool kZeroDirection>
 DYNBATCH_VECTORIZED void extrapolate_chunk(param_t* __restrict params, param_t* __restrict saved,
-                                           grad_t* __restrict direction, int64_t start, int64_t end,
-                                           float gamma, float lam) {
+                                           grad_t* __restrict direction, int64_t n, float gamma, float lam) {
 #pragma omp simd
-  for (int64_t i = start; i < end; ++i) {
+  for (int64_t i = 0; i < n; ++i) {
     const param_t raw = params[i];
     const float w = static_cast<float>(raw);
     saved[i] = raw;
@@ -30,12 +30,12 @@ DYNBATCH_VECTORIZED void extrapolate_chunk(param_t* __restrict params, param_t* 
 
 template <typename param_t, typename grad_t, bool kNext>
 DYNBATCH_VECTORIZED void step_chunk(param_t* __restrict params, param_t* __restrict saved,
-                                    const grad_t* __restrict grad, float* __restrict momentum, int64_t start,
-                                    int64_t end, const float* h) {
+                                    const grad_t* __restrict grad, float* __restrict momentum, int64_t n,
+                                    const float* h) {
   const float eta = h[kLr], gamma = h[kGamma], mu = h[kMomentum], lam = h[kWeightDecay];
   const bool nesterov = h[kNesterov] != 0.f;
 #pragma omp simd
-  for (int64_t i = start; i < end; ++i) {
+  for (int64_t i = 0; i < n; ++i) {
     const float w = static_cast<float>(saved[i]);
     const float g = static_cast<float>(grad[i]);
     const float decayed = g + lam * w;
@@ -64,83 +64,79 @@ struct Type {
 
 // Calls body(Type<param_t>{}, Type<grad_t>{}) for the (parameter, gradient) dtype pair.
 template <typename Body>
-void dispatch_pair(const at::Tensor& params, const at::Tensor& grad, const Body& body) {
-  AT_DISPATCH_SWITCH(params.scalar_type(), "extrap params", DYNBATCH_EXTRAP_TYPES([&] {
+void dispatch_pair(at::ScalarType params, at::ScalarType grad, const Body& body) {
+  AT_DISPATCH_SWITCH(params, "extrap params", DYNBATCH_EXTRAP_TYPES([&] {
                        using param_t = scalar_t;
-                       AT_DISPATCH_SWITCH(grad.scalar_type(), "extrap grad", DYNBATCH_EXTRAP_TYPES([&] {
+                       AT_DISPATCH_SWITCH(grad, "extrap grad", DYNBATCH_EXTRAP_TYPES([&] {
                                             body(Type<param_t>{}, Type<scalar_t>{});
                                           }));
                      }));
 }
 
-void check_buffers(const at::Tensor& params, const at::Tensor& saved, const at::Tensor& grad,
-                   const at::Tensor& hyper, const at::Tensor& chunk_starts, const at::Tensor& chunk_ends,
-                   const at::Tensor& chunk_segments) {
-  TORCH_CHECK(params.is_contiguous() && saved.is_contiguous() && grad.is_contiguous(),
-              "params, saved and the gradient must be contiguous");
-  TORCH_CHECK(saved.scalar_type() == params.scalar_type(), "saved must have the parameters' dtype");
-  TORCH_CHECK(saved.numel() == params.numel() && grad.numel() == params.numel(),
-              "saved and the gradient must be as long as params");
-  TORCH_CHECK(hyper.scalar_type() == at::kFloat && hyper.is_contiguous() && hyper.dim() == 2 &&
-                  hyper.size(1) == kNumHyper,
-              "hyper must be a contiguous float32 [S, ", kNumHyper, "] table");
-  for (const auto* t : {&chunk_starts, &chunk_ends, &chunk_segments}) {
-    TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 1 && t->is_contiguous() && t->is_cpu(),
-                "chunk tables must be contiguous 1-D int64 CPU tensors");
-  }
-  TORCH_CHECK(chunk_ends.numel() == chunk_starts.numel() && chunk_segments.numel() == chunk_starts.numel(),
-              "chunk starts, ends and segments differ in length");
+void check_hyper(const at::Tensor& hyper, int64_t num_segments) {
+  TORCH_CHECK(hyper.scalar_type() == at::kFloat && hyper.is_cpu() && hyper.is_contiguous() &&
+                  hyper.dim() == 2 && hyper.size(0) == num_segments && hyper.size(1) == kNumHyper,
+              "hyper must be a contiguous float32 CPU [", num_segments, ", ", kNumHyper, "] table");
 }
 
-void extrapolate_cpu(at::Tensor params, at::Tensor saved, at::Tensor direction, const at::Tensor& hyper,
+// Runs chunk(hyper row, segment, start, n) for every chunk of an active segment, in parallel.
+template <typename Fn>
+void for_active_chunks(const Chunks& t, const float* hyper, const Fn& chunk) {
+  at::parallel_for(0, t.num_chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t seg = t.chunk_segments[c], lo = t.starts[c];
+      const float* row = hyper + seg * kNumHyper;
+      if (row[kActive] != 0.f) chunk(row, seg, lo, t.ends[c] - lo);
+    }
+  });
+}
+
+void extrapolate_cpu(at::TensorList params_list, at::TensorList saved_list, at::TensorList direction_list,
+                     const at::Tensor& hyper, const at::Tensor& host_offsets, const at::Tensor& host_lengths,
                      const at::Tensor& chunk_starts, const at::Tensor& chunk_ends,
-                     const at::Tensor& chunk_segments, bool zero_direction) {
-  check_buffers(params, saved, direction, hyper, chunk_starts, chunk_ends, chunk_segments);
-  const int64_t* starts = chunk_starts.data_ptr<int64_t>();
-  const int64_t* ends = chunk_ends.data_ptr<int64_t>();
-  const int64_t* segments = chunk_segments.data_ptr<int64_t>();
-  const float* h = hyper.data_ptr<float>();
-  dispatch_pair(params, direction, [&](auto param_type, auto grad_type) {
+                     const at::Tensor& segment_chunks, const at::Tensor& chunk_segments,
+                     bool zero_direction) {
+  const Chunks table =
+      check_chunks(host_offsets, host_lengths, chunk_starts, chunk_ends, segment_chunks, chunk_segments);
+  const Operand params = cpu_operand("params", params_list, table);
+  const Operand saved = cpu_operand("saved", saved_list, table, params.dtype);
+  const Operand direction = cpu_operand("direction", direction_list, table);
+  check_hyper(hyper, table.layout.num_segments);
+  const float* h = hyper.const_data_ptr<float>();
+  const at::ScalarType param_dtype = dtype_or(params, at::kFloat);
+  dispatch_pair(param_dtype, dtype_or(direction, at::kFloat), [&](auto param_type, auto grad_type) {
     using param_t = typename decltype(param_type)::type;
     using grad_t = typename decltype(grad_type)::type;
     auto* run = zero_direction ? extrapolate_chunk<param_t, grad_t, true>
                                : extrapolate_chunk<param_t, grad_t, false>;
-    param_t* p = params.data_ptr<param_t>();
-    param_t* s = saved.data_ptr<param_t>();
-    grad_t* d = direction.data_ptr<grad_t>();
-    at::parallel_for(0, chunk_starts.numel(), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        const float* row = h + segments[c] * kNumHyper;
-        if (row[kActive] != 0.f) run(p, s, d, starts[c], ends[c], row[kGamma], row[kWeightDecay]);
-      }
+    for_active_chunks(table, h, [&](const float* row, int64_t seg, int64_t lo, int64_t n) {
+      run(params.chunk<param_t>(seg, lo), saved.chunk<param_t>(seg, lo), direction.chunk<grad_t>(seg, lo),
+          n, row[kGamma], row[kWeightDecay]);
     });
   });
 }
 
-void extrap_step_cpu(at::Tensor params, at::Tensor saved, const at::Tensor& grad, at::Tensor momentum,
-                     const at::Tensor& hyper, const at::Tensor& chunk_starts, const at::Tensor& chunk_ends,
+void extrap_step_cpu(at::TensorList params_list, at::TensorList saved_list, at::TensorList grad_list,
+                     at::TensorList momentum_list, const at::Tensor& hyper, const at::Tensor& host_offsets,
+                     const at::Tensor& host_lengths, const at::Tensor& chunk_starts,
+                     const at::Tensor& chunk_ends, const at::Tensor& segment_chunks,
                      const at::Tensor& chunk_segments, bool extrapolate_next) {
-  check_buffers(params, saved, grad, hyper, chunk_starts, chunk_ends, chunk_segments);
-  TORCH_CHECK(momentum.scalar_type() == at::kFloat && momentum.is_contiguous() &&
-                  momentum.numel() == params.numel(),
-              "momentum must be contiguous float32, as long as params");
-  const int64_t* starts = chunk_starts.data_ptr<int64_t>();
-  const int64_t* ends = chunk_ends.data_ptr<int64_t>();
-  const int64_t* segments = chunk_segments.data_ptr<int64_t>();
-  const float* h = hyper.data_ptr<float>();
-  dispatch_pair(params, grad, [&](auto param_type, auto grad_type) {
+  const Chunks table =
+      check_chunks(host_offsets, host_lengths, chunk_starts, chunk_ends, segment_chunks, chunk_segments);
+  const Operand params = cpu_operand("params", params_list, table);
+  const Operand saved = cpu_operand("saved", saved_list, table, params.dtype);
+  const Operand grad = cpu_operand("grad", grad_list, table);
+  const Operand momentum = cpu_operand("momentum", momentum_list, table, at::kFloat);
+  check_hyper(hyper, table.layout.num_segments);
+  const float* h = hyper.const_data_ptr<float>();
+  const at::ScalarType param_dtype = dtype_or(params, at::kFloat);
+  dispatch_pair(param_dtype, dtype_or(grad, at::kFloat), [&](auto param_type, auto grad_type) {
     using param_t = typename decltype(param_type)::type;
     using grad_t = typename decltype(grad_type)::type;
     auto* run = extrapolate_next ? step_chunk<param_t, grad_t, true> : step_chunk<param_t, grad_t, false>;
-    param_t* p = params.data_ptr<param_t>();
-    param_t* s = saved.data_ptr<param_t>();
-    const grad_t* g = grad.data_ptr<grad_t>();
-    float* m = momentum.data_ptr<float>();
-    at::parallel_for(0, chunk_starts.numel(), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        const float* row = h + segments[c] * kNumHyper;
-        if (row[kActive] != 0.f) run(p, s, g, m, starts[c], ends[c], row);
-      }
+    for_active_chunks(table, h, [&](const float* row, int64_t seg, int64_t lo, int64_t n) {
+      run(params.chunk<param_t>(seg, lo), saved.chunk<param_t>(seg, lo), grad.chunk<const grad_t>(seg, lo),
+          momentum.chunk<float>(seg, lo), n, row);
     });
   });
 }

@@ -1,6 +1,7 @@
-// LAMB / LAMBC over one flat buffer (the math and byte counts: dynbatch_kernels/ops/lamb.py).
-//   lamb_step_:       pass 1 (m, v, u; partial |w|^2 |u|^2 |g|^2 per chunk) -> per-segment trust ratios
-//                     -> pass 2 (w -= lr * r * u). Nothing is written when the step is skipped.
+// LAMB / LAMBC over the segments' tensors (the math and byte counts: dynbatch_kernels/ops/lamb.py).
+//   lamb_step_:       pass 1 (m, v, u into update; partial |w|^2 |u|^2 |g|^2 per chunk) -> per-segment
+//                     trust ratios -> pass 2 (w -= lr * r * u, u read back from update). Nothing is
+//                     written when the step is skipped. update may be grad itself.
 //   segment_sq_norms: per-segment |s*x|^2 in one read (pass 0: the global gradient norm for clipping).
 #include <algorithm>
 #include <cmath>
@@ -58,11 +59,12 @@ Coefficients coefficients(const float* h, float steps_done, float inv_scale, flo
           inv_scale / clip};
 }
 
-// Pass 1 over chunk [lo, hi): m, v and u (into grad) unless !kWrite; returns |w|^2, |u|^2, |s*g|^2.
-template <typename scalar_t, bool kMaster, bool kWrite>
+// Pass 1 over one chunk of n elements: m, v and u (into update) unless !kWrite; returns |w|^2, |u|^2,
+// |s*g|^2. kInPlace: update is grad (the same memory), read then written at each index through one pointer.
+template <typename scalar_t, bool kMaster, bool kWrite, bool kInPlace>
 DYNBATCH_VECTORIZED void update_chunk(const scalar_t* __restrict param, const float* __restrict master,
-                                      scalar_t* __restrict grad, float* __restrict exp_avg,
-                                      float* __restrict exp_avg_sq, int64_t lo, int64_t hi,
+                                      const scalar_t* __restrict grad, scalar_t* __restrict update,
+                                      float* __restrict exp_avg, float* __restrict exp_avg_sq, int64_t n,
                                       const Coefficients k, float inv_scale, float* __restrict out) {
   // Locals, not loads through k: the buffers' float stores could alias k's fields and stop the vectorizer.
   const float beta1 = k.beta1, beta2 = k.beta2, one_minus_beta1 = k.one_minus_beta1;
@@ -70,14 +72,19 @@ DYNBATCH_VECTORIZED void update_chunk(const scalar_t* __restrict param, const fl
   const float eps = k.eps, weight_decay = k.weight_decay, grad_scale = k.grad_scale;
   float ww = 0.f, uu = 0.f, gg = 0.f;
 #pragma omp simd reduction(+ : ww, uu, gg)
-  for (int64_t i = lo; i < hi; ++i) {
+  for (int64_t i = 0; i < n; ++i) {
     float w;
     if constexpr (kMaster) {
       w = master[i];
     } else {
       w = static_cast<float>(param[i]);
     }
-    const float raw = static_cast<float>(grad[i]);
+    float raw;
+    if constexpr (kInPlace) {
+      raw = static_cast<float>(update[i]);
+    } else {
+      raw = static_cast<float>(grad[i]);
+    }
     const float g = raw * grad_scale;
     const float m = beta1 * exp_avg[i] + one_minus_beta1 * g;
     const float v = beta2 * exp_avg_sq[i] + one_minus_beta2 * g * g;
@@ -85,7 +92,7 @@ DYNBATCH_VECTORIZED void update_chunk(const scalar_t* __restrict param, const fl
     if constexpr (kWrite) {
       exp_avg[i] = m;
       exp_avg_sq[i] = v;
-      grad[i] = to_storage<scalar_t>(u);
+      update[i] = to_storage<scalar_t>(u);
     }
     const float unscaled = raw * inv_scale;
     ww += w * w;
@@ -98,12 +105,12 @@ DYNBATCH_VECTORIZED void update_chunk(const scalar_t* __restrict param, const fl
   out[kRatio] = 0.f;
 }
 
-// Pass 2 over chunk [lo, hi): w -= scale * u, into the master copy (if any) and the parameters.
+// Pass 2 over one chunk of n elements: w -= scale * u, into the master copy (if any) and the parameters.
 template <typename scalar_t, bool kMaster>
 DYNBATCH_VECTORIZED void apply_chunk(scalar_t* __restrict param, float* __restrict master,
-                                     const scalar_t* __restrict update, int64_t lo, int64_t hi, float scale) {
+                                     const scalar_t* __restrict update, int64_t n, float scale) {
 #pragma omp simd
-  for (int64_t i = lo; i < hi; ++i) {
+  for (int64_t i = 0; i < n; ++i) {
     float w;
     if constexpr (kMaster) {
       w = master[i];
@@ -116,20 +123,17 @@ DYNBATCH_VECTORIZED void apply_chunk(scalar_t* __restrict param, float* __restri
   }
 }
 
-struct Table {
-  const int64_t* starts;
-  const int64_t* ends;
-  const int64_t* segments;  // the segment of each chunk
-  int64_t num_chunks;
+// The operands of lamb_step_ (master: empty when there is none).
+struct Buffers {
+  Operand param, grad, update, exp_avg, exp_avg_sq, master;
 };
 
 template <typename scalar_t, bool kMaster, bool kWrite>
-void update_pass(scalar_t* param, float* master, scalar_t* grad, float* exp_avg, float* exp_avg_sq,
-                 const float* hyper, const float* steps, const Table& t, float inv_scale, float grad_norm,
-                 float* partials) {
+void update_pass(const Buffers& b, const float* hyper, const float* steps, const Chunks& t, float inv_scale,
+                 float grad_norm, float* partials) {
   at::parallel_for(0, t.num_chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
-      const int64_t seg = t.segments[c];
+      const int64_t seg = t.chunk_segments[c], lo = t.starts[c], n = t.ends[c] - lo;
       const float* h = hyper + seg * kNumHyper;
       float* out = partials + c * kNumStats;
       if (h[kActive] == 0.f) {
@@ -137,21 +141,33 @@ void update_pass(scalar_t* param, float* master, scalar_t* grad, float* exp_avg,
         continue;
       }
       const Coefficients k = coefficients(h, steps[seg], inv_scale, grad_norm);
-      update_chunk<scalar_t, kMaster, kWrite>(param, master, grad, exp_avg, exp_avg_sq, t.starts[c],
-                                              t.ends[c], k, inv_scale, out);
+      const scalar_t* param = b.param.chunk<scalar_t>(seg, lo);
+      const float* master = kMaster ? b.master.chunk<float>(seg, lo) : nullptr;
+      const scalar_t* grad = b.grad.chunk<scalar_t>(seg, lo);
+      scalar_t* update = b.update.chunk<scalar_t>(seg, lo);
+      float* exp_avg = b.exp_avg.chunk<float>(seg, lo);
+      float* exp_avg_sq = b.exp_avg_sq.chunk<float>(seg, lo);
+      if (kWrite && static_cast<const void*>(grad) == static_cast<const void*>(update)) {
+        update_chunk<scalar_t, kMaster, kWrite, true>(param, master, nullptr, update, exp_avg, exp_avg_sq, n,
+                                                      k, inv_scale, out);
+      } else {
+        update_chunk<scalar_t, kMaster, kWrite, false>(param, master, grad, update, exp_avg, exp_avg_sq, n, k,
+                                                       inv_scale, out);
+      }
     }
   });
 }
 
 template <typename scalar_t, bool kMaster>
-void apply_pass(scalar_t* param, float* master, const scalar_t* grad, const float* hyper, const float* stats,
-                const Table& t) {
+void apply_pass(const Buffers& b, const float* hyper, const float* stats, const Chunks& t) {
   at::parallel_for(0, t.num_chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
-      const int64_t seg = t.segments[c];
+      const int64_t seg = t.chunk_segments[c], lo = t.starts[c];
       const float* h = hyper + seg * kNumHyper;
       if (h[kActive] == 0.f) continue;
-      apply_chunk<scalar_t, kMaster>(param, master, grad, t.starts[c], t.ends[c],
+      apply_chunk<scalar_t, kMaster>(b.param.chunk<scalar_t>(seg, lo),
+                                     kMaster ? b.master.chunk<float>(seg, lo) : nullptr,
+                                     b.update.chunk<scalar_t>(seg, lo), t.ends[c] - lo,
                                      h[kLr] * stats[seg * kNumStats + kRatio]);
     }
   });
@@ -175,65 +191,64 @@ void check_buffer(const at::Tensor& t, at::ScalarType dtype, int64_t numel, cons
               " must be a contiguous CPU tensor of ", numel, " elements of ", dtype);
 }
 
-at::Tensor lamb_step_cpu(at::Tensor param, at::Tensor grad, at::Tensor exp_avg, at::Tensor exp_avg_sq,
-                         const std::optional<at::Tensor>& master, at::Tensor step, const at::Tensor& hyper,
+at::Tensor lamb_step_cpu(at::TensorList param, at::TensorList grad, at::TensorList update,
+                         at::TensorList exp_avg, at::TensorList exp_avg_sq,
+                         std::optional<at::TensorList> master, at::Tensor step, const at::Tensor& hyper,
+                         const at::Tensor& host_offsets, const at::Tensor& host_lengths,
                          const at::Tensor& chunk_starts, const at::Tensor& chunk_ends,
                          const at::Tensor& segment_chunks, const at::Tensor& chunk_segments,
                          const std::optional<at::Tensor>& grad_sq_norm,
                          const std::optional<at::Tensor>& inv_grad_scale,
                          const std::optional<at::Tensor>& found_inf) {
-  const int64_t n = param.numel();
-  check_chunk_table(chunk_starts, chunk_ends, segment_chunks);
-  const int64_t num_chunks = chunk_starts.numel();
-  const int64_t num_segments = segment_chunks.numel() - 1;
-  check_buffer(param, param.scalar_type(), n, "param");
-  check_buffer(grad, param.scalar_type(), n, "grad");
-  check_buffer(exp_avg, at::kFloat, n, "exp_avg");
-  check_buffer(exp_avg_sq, at::kFloat, n, "exp_avg_sq");
-  if (master) check_buffer(*master, at::kFloat, n, "master");
+  const Chunks table =
+      check_chunks(host_offsets, host_lengths, chunk_starts, chunk_ends, segment_chunks, chunk_segments);
+  const int64_t num_chunks = table.num_chunks;
+  const int64_t num_segments = table.layout.num_segments;
+  Buffers b;
+  b.param = cpu_operand("param", param, table);
+  const at::ScalarType dtype = dtype_or(b.param, at::kFloat);
+  b.grad = cpu_operand("grad", grad, table, b.param.dtype);
+  b.update = cpu_operand("update", update, table, b.param.dtype);
+  b.exp_avg = cpu_operand("exp_avg", exp_avg, table, at::kFloat);
+  b.exp_avg_sq = cpu_operand("exp_avg_sq", exp_avg_sq, table, at::kFloat);
+  if (master) b.master = cpu_operand("master", *master, table, at::kFloat);
   check_buffer(step, at::kFloat, num_segments, "step");
   check_buffer(hyper, at::kFloat, num_segments * kNumHyper, "hyper");
-  check_buffer(chunk_segments, at::kLong, num_chunks, "chunk_segments");
 
   const float inv_scale = value_or(inv_grad_scale, 1.f);
   const float norm_sq = value_or(grad_sq_norm, 0.f);
   const bool norm_bad = grad_sq_norm && !std::isfinite(norm_sq);
   const bool skip = norm_bad || value_or(found_inf, 0.f) != 0.f;
-  const Table table{chunk_starts.data_ptr<int64_t>(), chunk_ends.data_ptr<int64_t>(),
-                    chunk_segments.data_ptr<int64_t>(), num_chunks};
-  const float* h = hyper.data_ptr<float>();
+  const float* h = hyper.const_data_ptr<float>();
   float* steps = step.data_ptr<float>();
-  float* master_ptr = master ? master->data_ptr<float>() : nullptr;
-  auto partials = at::empty({num_chunks, kNumStats}, exp_avg.options());
+  auto partials = at::empty({num_chunks, kNumStats}, at::TensorOptions().dtype(at::kFloat));
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param.scalar_type(), "lamb_step_", [&] {
-    using pass1_t = void (*)(scalar_t*, float*, scalar_t*, float*, float*, const float*, const float*,
-                             const Table&, float, float, float*);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "lamb_step_", [&] {
+    using pass1_t = void (*)(const Buffers&, const float*, const float*, const Chunks&, float, float, float*);
     const pass1_t passes[2][2] = {{update_pass<scalar_t, false, false>, update_pass<scalar_t, false, true>},
                                   {update_pass<scalar_t, true, false>, update_pass<scalar_t, true, true>}};
-    passes[master.has_value()][!skip](param.data_ptr<scalar_t>(), master_ptr, grad.data_ptr<scalar_t>(),
-                                      exp_avg.data_ptr<float>(), exp_avg_sq.data_ptr<float>(), h, steps,
-                                      table, inv_scale, std::sqrt(norm_sq), partials.data_ptr<float>());
+    passes[master.has_value()][!skip](b, h, steps, table, inv_scale, std::sqrt(norm_sq),
+                                      partials.data_ptr<float>());
   });
-  auto stats = reduce_chunks(partials, segment_chunks);
+  auto stats = reduce_chunks(partials, table);
   trust_ratios(stats.data_ptr<float>(), h, num_segments);
   if (skip) {
     if (norm_bad && found_inf) found_inf->fill_(1.f);
     return stats;
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param.scalar_type(), "lamb_step_", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "lamb_step_", [&] {
     auto* run = master ? apply_pass<scalar_t, true> : apply_pass<scalar_t, false>;
-    run(param.data_ptr<scalar_t>(), master_ptr, grad.data_ptr<scalar_t>(), h, stats.data_ptr<float>(), table);
+    run(b, h, stats.const_data_ptr<float>(), table);
   });
   for (int64_t j = 0; j < num_segments; ++j) steps[j] += h[j * kNumHyper + kActive] != 0.f ? 1.f : 0.f;
   return stats;
 }
 
 template <typename scalar_t>
-DYNBATCH_VECTORIZED float sq_norm_chunk(const scalar_t* __restrict x, int64_t lo, int64_t hi, float scale) {
+DYNBATCH_VECTORIZED float sq_norm_chunk(const scalar_t* __restrict x, int64_t n, float scale) {
   float total = 0.f;
 #pragma omp simd reduction(+ : total)
-  for (int64_t i = lo; i < hi; ++i) {
+  for (int64_t i = 0; i < n; ++i) {
     const float v = static_cast<float>(x[i]) * scale;
     total += v * v;
   }
@@ -241,24 +256,27 @@ DYNBATCH_VECTORIZED float sq_norm_chunk(const scalar_t* __restrict x, int64_t lo
 }
 
 template <typename scalar_t>
-void sq_norm_chunks(const scalar_t* x, const Table& t, float scale, float* partials) {
+void sq_norm_chunks(const Operand& x, const Chunks& t, float scale, float* partials) {
   at::parallel_for(0, t.num_chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) partials[c] = sq_norm_chunk(x, t.starts[c], t.ends[c], scale);
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t seg = t.chunk_segments[c], lo = t.starts[c];
+      partials[c] = sq_norm_chunk(x.chunk<const scalar_t>(seg, lo), t.ends[c] - lo, scale);
+    }
   });
 }
 
-at::Tensor segment_sq_norms_cpu(const at::Tensor& x, const at::Tensor& chunk_starts,
+at::Tensor segment_sq_norms_cpu(at::TensorList x_list, const at::Tensor& host_offsets,
+                                const at::Tensor& host_lengths, const at::Tensor& chunk_starts,
                                 const at::Tensor& chunk_ends, const at::Tensor& segment_chunks,
-                                const std::optional<at::Tensor>& scale) {
-  TORCH_CHECK(x.is_cpu() && x.is_contiguous(), "x must be a contiguous CPU tensor");
-  check_chunk_table(chunk_starts, chunk_ends, segment_chunks);
-  const int64_t num_chunks = chunk_starts.numel();
-  const Table table{chunk_starts.data_ptr<int64_t>(), chunk_ends.data_ptr<int64_t>(), nullptr, num_chunks};
-  auto partials = at::empty({num_chunks, 1}, x.options().dtype(at::kFloat));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "segment_sq_norms", [&] {
-    sq_norm_chunks<scalar_t>(x.data_ptr<scalar_t>(), table, value_or(scale, 1.f), partials.data_ptr<float>());
+                                const at::Tensor& chunk_segments, const std::optional<at::Tensor>& scale) {
+  const Chunks table =
+      check_chunks(host_offsets, host_lengths, chunk_starts, chunk_ends, segment_chunks, chunk_segments);
+  const Operand x = cpu_operand("x", x_list, table);
+  auto partials = at::empty({table.num_chunks, 1}, at::TensorOptions().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype_or(x, at::kFloat), "segment_sq_norms", [&] {
+    sq_norm_chunks<scalar_t>(x, table, value_or(scale, 1.f), partials.data_ptr<float>());
   });
-  return reduce_chunks(partials, segment_chunks).view({-1});
+  return reduce_chunks(partials, table).view({-1});
 }
 
 }  // namespace

@@ -1,4 +1,5 @@
-// The schemas of the CPU kernels, registered once. Each op's CPU implementation lives in its own file.
+// The schemas of the CPU kernels, registered once. Each op's CPU implementation lives in its own file;
+// segment_addresses (device-agnostic: it reads tensor metadata only) lives here.
 // The public, device-dispatching ops are `torch.ops.dynbatch.*`, defined in dynbatch_kernels/ops/;
 // these `dynbatch_cpp` ops are the C++ backend behind them. The module also exports the kernels' table
 // columns (columns.h) as `dynbatch_kernels._C.COLUMNS`, a {name: index} dict the tests compare with
@@ -6,26 +7,57 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "chunks.h"
 #include "columns.h"
 
+namespace dynbatch {
+namespace {
+
+// Every op takes the chunk table as these host/CPU int64 tensors (ChunkTable fields), in this order.
+#define DYNBATCH_TABLE                                                                    \
+  "Tensor host_offsets, Tensor host_lengths, Tensor chunk_starts, Tensor chunk_ends, " \
+  "Tensor segment_chunks, Tensor chunk_segments"
+
+// Checks an operand list (check_operand) and returns each segment's virtual base byte address as a CPU
+// int64 [S] tensor: virtual element i of segment j is at base[j] + i * element_size. Reads metadata only,
+// so it serves tensors on any device (the Triton kernels' address table).
+at::Tensor segment_addresses(at::TensorList tensors, const at::Tensor& host_offsets,
+                             const at::Tensor& host_lengths, int64_t num_elements) {
+  const Layout layout = check_layout(host_offsets, host_lengths, num_elements);
+  const Operand op = check_operand("", tensors, layout);
+  auto out = at::empty({layout.num_segments}, at::TensorOptions().dtype(at::kLong));
+  int64_t* base = out.data_ptr<int64_t>();
+  if (op.empty()) return out;
+  const int64_t element_size = static_cast<int64_t>(c10::elementSize(*op.dtype));
+  for (int64_t j = 0; j < layout.num_segments; ++j) {
+    const auto address = static_cast<int64_t>(reinterpret_cast<uintptr_t>(op.data[op.flat ? 0 : j]));
+    base[j] = op.flat ? address : address - layout.offsets[j] * element_size;
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace dynbatch
+
 TORCH_LIBRARY(dynbatch_cpp, m) {
+  m.def("accumulate_(Tensor(a!)[] acc, Tensor(b!)[] grad, " DYNBATCH_TABLE
+        ", float scale, bool zero_grad) -> Tensor");
   m.def(
-      "accumulate_(Tensor(a!) acc, Tensor(b!) grad, Tensor chunk_starts, Tensor chunk_ends, "
-      "Tensor segment_chunks, float scale, bool zero_grad) -> Tensor");
+      "lamb_step_(Tensor(a!)[] param, Tensor[] grad, Tensor(b!)[] update, Tensor(c!)[] exp_avg, "
+      "Tensor(d!)[] exp_avg_sq, Tensor(e!)[]? master, Tensor(f!) step, Tensor hyper, " DYNBATCH_TABLE
+      ", Tensor? grad_sq_norm, Tensor? inv_grad_scale, Tensor(g!)? found_inf) -> Tensor");
+  m.def("segment_sq_norms(Tensor[] x, " DYNBATCH_TABLE ", Tensor? scale) -> Tensor");
   m.def(
-      "lamb_step_(Tensor(a!) param, Tensor(b!) grad, Tensor(c!) exp_avg, Tensor(d!) exp_avg_sq, "
-      "Tensor(e!)? master, Tensor(f!) step, Tensor hyper, Tensor chunk_starts, Tensor chunk_ends, "
-      "Tensor segment_chunks, Tensor chunk_segments, Tensor? grad_sq_norm, Tensor? inv_grad_scale, "
-      "Tensor(g!)? found_inf) -> Tensor");
+      "extrapolate_(Tensor(a!)[] params, Tensor(b!)[] saved, Tensor(c!)[] direction, Tensor hyper, "
+      DYNBATCH_TABLE ", bool zero_direction) -> ()");
   m.def(
-      "segment_sq_norms(Tensor x, Tensor chunk_starts, Tensor chunk_ends, Tensor segment_chunks, "
-      "Tensor? scale) -> Tensor");
+      "extrap_step_(Tensor(a!)[] params, Tensor(b!)[] saved, Tensor[] grad, Tensor(c!)[] momentum, "
+      "Tensor hyper, " DYNBATCH_TABLE ", bool extrapolate_next) -> ()");
+  // A catch-all (CompositeImplicitAutograd) kernel: the same function for CPU, CUDA and any other device.
   m.def(
-      "extrapolate_(Tensor(a!) params, Tensor(b!) saved, Tensor(c!) direction, Tensor hyper, "
-      "Tensor chunk_starts, Tensor chunk_ends, Tensor chunk_segments, bool zero_direction) -> ()");
-  m.def(
-      "extrap_step_(Tensor(a!) params, Tensor(b!) saved, Tensor grad, Tensor(c!) momentum, Tensor hyper, "
-      "Tensor chunk_starts, Tensor chunk_ends, Tensor chunk_segments, bool extrapolate_next) -> ()");
+      "segment_addresses(Tensor[] tensors, Tensor host_offsets, Tensor host_lengths, int num_elements) "
+      "-> Tensor",
+      &dynbatch::segment_addresses);
 }
 
 namespace {

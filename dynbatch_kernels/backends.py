@@ -16,30 +16,13 @@ from types import ModuleType
 
 import torch
 
-from dynbatch_kernels.extras import install_hint, missing
+from dynbatch_kernels.available import cpp_available, triton_available, triton_interpreted
+from dynbatch_kernels.extras import install_hint
+
+__all__ = ["BACKENDS", "backend_module", "backend_name", "cpp_available", "requested_backend"]
+__all__ += ["triton_available", "triton_interpreted"]
 
 BACKENDS = ("auto", "triton", "cpp", "reference")
-
-
-@cache
-def cpp_available() -> bool:
-    """Load ``dynbatch_kernels._C`` once; warn once if it is missing."""
-    try:
-        importlib.import_module("dynbatch_kernels._C")
-    except ImportError as err:
-        warnings.warn(
-            f"dynbatch_kernels._C is not built ({err}); CPU ops fall back to the slower PyTorch "
-            "reference. Build it with `pip install --no-build-isolation -e .`.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return False
-    return True
-
-
-@cache
-def triton_available() -> bool:
-    return not missing("triton")
 
 
 @cache
@@ -50,10 +33,6 @@ def _warn_no_triton() -> None:
         RuntimeWarning,
         stacklevel=4,
     )
-
-
-def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def requested_backend() -> str:

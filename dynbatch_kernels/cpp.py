@@ -1,4 +1,9 @@
-"""The C++ backend: the CPU kernels of ``dynbatch_kernels._C``, with the same signatures as the others."""
+"""The C++ backend: the CPU kernels of ``dynbatch_kernels._C``, with the same signatures as the others.
+
+Every tensor operand is a list: ``[flat]`` (a buffer laid out by the chunk table) or one tensor per
+segment, read and written where it lives. The kernels take the table as its host offsets and lengths,
+chunk bounds and segment maps (all CPU int64 on a CPU table); they check every operand themselves.
+"""
 
 from __future__ import annotations
 
@@ -7,60 +12,60 @@ import torch
 from dynbatch_kernels.chunks import ChunkTable
 
 
-def accumulate_(
-    acc: torch.Tensor, grad: torch.Tensor, chunks: ChunkTable, scale: float, zero_grad: bool
-) -> torch.Tensor:
-    return torch.ops.dynbatch_cpp.accumulate_(
-        acc, grad, chunks.starts, chunks.ends, chunks.segment_chunks, scale, zero_grad
+def _table(chunks: ChunkTable) -> tuple[torch.Tensor, ...]:
+    """The table arguments of every ``dynbatch_cpp`` kernel, in schema order."""
+    return (
+        chunks.host_offsets,
+        chunks.host_lengths,
+        chunks.starts,
+        chunks.ends,
+        chunks.segment_chunks,
+        chunks.chunk_segments,
     )
 
 
+def accumulate_(
+    acc: list[torch.Tensor], grad: list[torch.Tensor], chunks: ChunkTable, scale: float, zero_grad: bool
+) -> torch.Tensor:
+    return torch.ops.dynbatch_cpp.accumulate_(acc, grad, *_table(chunks), scale, zero_grad)
+
+
 def extrapolate_(
-    params: torch.Tensor,
-    saved: torch.Tensor,
-    direction: torch.Tensor,
+    params: list[torch.Tensor],
+    saved: list[torch.Tensor],
+    direction: list[torch.Tensor],
     hyper: torch.Tensor,
     chunks: ChunkTable,
     zero_direction: bool,
 ) -> None:
-    torch.ops.dynbatch_cpp.extrapolate_(
-        params, saved, direction, hyper, chunks.starts, chunks.ends, chunks.chunk_segments, zero_direction
-    )
+    torch.ops.dynbatch_cpp.extrapolate_(params, saved, direction, hyper, *_table(chunks), zero_direction)
 
 
 def extrap_step_(
-    params: torch.Tensor,
-    saved: torch.Tensor,
-    grad: torch.Tensor,
-    momentum: torch.Tensor,
+    params: list[torch.Tensor],
+    saved: list[torch.Tensor],
+    grad: list[torch.Tensor],
+    momentum: list[torch.Tensor],
     hyper: torch.Tensor,
     chunks: ChunkTable,
     extrapolate_next: bool,
 ) -> None:
     torch.ops.dynbatch_cpp.extrap_step_(
-        params,
-        saved,
-        grad,
-        momentum,
-        hyper,
-        chunks.starts,
-        chunks.ends,
-        chunks.chunk_segments,
-        extrapolate_next,
+        params, saved, grad, momentum, hyper, *_table(chunks), extrapolate_next
     )
 
 
-def segment_sq_norms(x: torch.Tensor, chunks: ChunkTable, scale: torch.Tensor | None) -> torch.Tensor:
-    starts, ends, segment_chunks = chunks.starts, chunks.ends, chunks.segment_chunks
-    return torch.ops.dynbatch_cpp.segment_sq_norms(x, starts, ends, segment_chunks, scale)
+def segment_sq_norms(x: list[torch.Tensor], chunks: ChunkTable, scale: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.dynbatch_cpp.segment_sq_norms(x, *_table(chunks), scale)
 
 
 def lamb_step_(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    master: torch.Tensor | None,
+    param: list[torch.Tensor],
+    grad: list[torch.Tensor],
+    update: list[torch.Tensor],
+    exp_avg: list[torch.Tensor],
+    exp_avg_sq: list[torch.Tensor],
+    master: list[torch.Tensor] | None,
     step: torch.Tensor,
     hyper: torch.Tensor,
     chunks: ChunkTable,
@@ -71,15 +76,13 @@ def lamb_step_(
     return torch.ops.dynbatch_cpp.lamb_step_(
         param,
         grad,
+        update,
         exp_avg,
         exp_avg_sq,
         master,
         step,
         hyper,
-        chunks.starts,
-        chunks.ends,
-        chunks.segment_chunks,
-        chunks.chunk_segments,
+        *_table(chunks),
         grad_sq_norm,
         inv_grad_scale,
         found_inf,

@@ -1,14 +1,21 @@
 """The fused ops in plain PyTorch: ground truth for the tests, baseline for the benchmarks.
 
 Same signatures as the Triton and C++ backends. Every reduction accumulates in float64, and given
-float64 tensors the whole computation is float64 (that is how tests build their ground truth).
+float64 tensors the whole computation is float64 (that is how tests build their ground truth). Each op is
+written once, over flat buffers whose segments fill the table; :func:`compacted` runs it on anything else
+(per-segment tensors, padding between segments) by copying the used elements into flat buffers and the
+results back.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
+
 import torch
 
-from dynbatch_kernels.chunks import ChunkTable
+from dynbatch_kernels.chunks import ChunkTable, virtual_bases
 from dynbatch_kernels.columns import (
     EXTRAP_ACTIVE,
     EXTRAP_GAMMA,
@@ -30,11 +37,87 @@ from dynbatch_kernels.columns import (
 )
 
 
+class _Compact:
+    """The used elements of each operand as one flat buffer per operand (a view when nothing is padded
+    and the operand is flat), and their way back."""
+
+    def __init__(self, chunks: ChunkTable, operands: list[list[torch.Tensor]]) -> None:
+        self.source = chunks
+        full = bool((chunks.host_lengths == chunks.host_offsets.diff()).all())
+        self.identity = full and all(len(op) == 1 and op[0].numel() == chunks.num_elements for op in operands)
+        self.chunks = chunks
+        if not self.identity:
+            compact = torch.cat([torch.zeros(1, dtype=torch.int64), chunks.host_lengths.cumsum(0)])
+            self.chunks = ChunkTable.from_offsets(compact, device=chunks.offsets.device)
+            starts = chunks.host_offsets[:-1]
+            self.index = torch.repeat_interleave(starts - compact[:-1], chunks.host_lengths)
+            self.index = (self.index + torch.arange(int(compact[-1]))).to(chunks.offsets.device)
+        self.taken: dict[int, tuple[list[torch.Tensor], torch.Tensor, bool]] = {}
+
+    def take(self, name: str, operand: list[torch.Tensor], mutated: bool) -> torch.Tensor:
+        if id(operand) in self.taken:  # the same list twice (lamb_step_'s update aliasing grad)
+            _, flat, was = self.taken[id(operand)]
+            self.taken[id(operand)] = (operand, flat, was or mutated)
+            return flat
+        try:
+            virtual_bases(operand, self.source)  # the checks every backend makes
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{name}: {err}") from None
+        if self.identity:
+            flat = operand[0].view(-1)
+        elif len(operand) == 1 and operand[0].numel() == self.source.num_elements:
+            flat = operand[0].view(-1)[self.index]
+        else:
+            device = self.chunks.offsets.device
+            flat = torch.cat([t.reshape(-1) for t in operand]) if operand else torch.zeros(0, device=device)
+        self.taken[id(operand)] = (operand, flat, mutated)
+        return flat
+
+    def give_back(self) -> None:
+        if self.identity:
+            return
+        for operand, flat, mutated in self.taken.values():
+            if not mutated:
+                continue
+            if len(operand) == 1 and operand[0].numel() == self.source.num_elements:
+                operand[0].view(-1)[self.index] = flat
+            else:
+                for tensor, piece in zip(operand, flat.split(self.source.host_lengths.tolist())):
+                    tensor.copy_(piece.view_as(tensor))
+
+
+def compacted(*mutated: str) -> Callable[[Callable], Callable]:
+    """Run a flat-buffer implementation on list operands (or padded tables): the list arguments become
+    flat copies of their used elements, ``chunks`` their table, and the ``mutated`` ones are copied back."""
+
+    def wrap(fn: Callable) -> Callable:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            given = bound.arguments
+            lists = [v for v in given.values() if isinstance(v, list)]
+            compact = _Compact(given["chunks"], lists)
+            for name, value in list(given.items()):
+                if isinstance(value, list):
+                    given[name] = compact.take(name, value, name in mutated)
+            given["chunks"] = compact.chunks
+            out = fn(*bound.args, **bound.kwargs)
+            compact.give_back()
+            return out
+
+        return run
+
+    return wrap
+
+
 def segment_sum(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Sum ``values`` ([N] or [N, k]) over each segment ``[offsets[j], offsets[j+1])`` in float64."""
     return torch.segment_reduce(values.double(), "sum", offsets=offsets, axis=0)
 
 
+@compacted("acc", "grad")
 def accumulate_(
     acc: torch.Tensor, grad: torch.Tensor, chunks: ChunkTable, scale: float, zero_grad: bool
 ) -> torch.Tensor:
@@ -61,6 +144,7 @@ def _compute_dtype(params: torch.Tensor) -> torch.dtype:
     return torch.promote_types(params.dtype, torch.float32)
 
 
+@compacted("params", "saved", "direction")
 def extrapolate_(
     params: torch.Tensor,
     saved: torch.Tensor,
@@ -81,6 +165,7 @@ def extrapolate_(
         direction.masked_fill_(active, 0)
 
 
+@compacted("params", "saved", "momentum")
 def extrap_step_(
     params: torch.Tensor,
     saved: torch.Tensor,
@@ -107,9 +192,10 @@ def extrap_step_(
     momentum.copy_(torch.where(active, m, momentum))
     params.copy_(torch.where(active, w - eta * update, params.to(dtype)))
     if extrapolate_next:
-        extrapolate_(params, saved, grad, hyper, chunks, False)
+        extrapolate_.__wrapped__(params, saved, grad, hyper, chunks, False)
 
 
+@compacted()
 def segment_sq_norms(x: torch.Tensor, chunks: ChunkTable, scale: torch.Tensor | None) -> torch.Tensor:
     """``sum (s*x)^2`` per segment, accumulated in float64."""
     dtype = _compute_dtype(x)
@@ -117,9 +203,11 @@ def segment_sq_norms(x: torch.Tensor, chunks: ChunkTable, scale: torch.Tensor | 
     return segment_sum(scaled * scaled, chunks.offsets).to(dtype)
 
 
+@compacted("param", "update", "exp_avg", "exp_avg_sq", "master")
 def lamb_step_(
     param: torch.Tensor,
     grad: torch.Tensor,
+    update: torch.Tensor,
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
     master: torch.Tensor | None,
@@ -187,12 +275,12 @@ def lamb_step_(
     adapt = (h[:, LAMB_ADAPT] != 0) & (w_sq > 0) & (u_sq > 0)
     ratio = (w_sq.sqrt() / u_sq.sqrt()).clamp(h[:, LAMB_RATIO_MIN], h[:, LAMB_RATIO_MAX])
     ratio = torch.where(adapt, ratio, 1.0)
-    stored_u = u.to(grad.dtype).to(dtype)  # pass 2 applies u as held in grad's buffer
+    stored_u = u.to(update.dtype).to(dtype)  # pass 2 applies u as held in the update buffer
     new_w = w - (h[:, LAMB_LR] * ratio).to(dtype).index_select(0, segment) * stored_u
     del stored_u, w
 
     mask = write.index_select(0, segment)
-    for buf, value in ((exp_avg, m), (exp_avg_sq, v), (grad, u), (param, new_w), (master, new_w)):
+    for buf, value in ((exp_avg, m), (exp_avg_sq, v), (update, u), (param, new_w), (master, new_w)):
         if buf is not None:
             buf.copy_(torch.where(mask, value, buf))
     step.add_(write.to(step.dtype))

@@ -49,6 +49,7 @@ def float64_truth(case, offsets, grad_sq_norm, found_inf=None):
     stats = reference.lamb_step_(
         c["param"],
         c["grad"],
+        c["grad"],  # u into grad's buffer, as the op does without update=
         c["exp_avg"],
         c["exp_avg_sq"],
         c.get("master"),

@@ -15,13 +15,19 @@ OFFSETS = [0, 32, 32, 80, N]
 
 
 def op_cases(device: str = "cpu") -> dict[str, tuple]:
-    """Each custom op with arguments as its public function passes them (a small aligned table)."""
+    """Each custom op with arguments as its public function passes them (a small aligned table): operands
+    as one-element lists (flat buffers), and the gradients of ``accumulate_`` and ``lamb_step_`` as one
+    tensor per segment."""
     gen = torch.Generator().manual_seed(0)
     table = ChunkTable.from_offsets(torch.tensor(OFFSETS), device=device, chunk_size=32)
     segments = table.num_segments
 
     def flat(dtype=torch.float32):
-        return torch.randn(N, generator=gen).to(device=device, dtype=dtype)
+        return [torch.randn(N, generator=gen).to(device=device, dtype=dtype)]
+
+    def per_segment(dtype=torch.float32):
+        lengths = torch.tensor(OFFSETS).diff().tolist()
+        return [torch.randn(n, generator=gen).to(device=device, dtype=dtype) for n in lengths]
 
     def scalar(value):
         return torch.tensor([value], device=device)
@@ -31,13 +37,23 @@ def op_cases(device: str = "cpu") -> dict[str, tuple]:
     extrap, lamb = extrap.to(device), lamb.to(device)
     steps = torch.zeros(segments, device=device)
     args = table.op_args()
+    m, v = flat(), [flat()[0].abs()]
     return {
-        "accumulate_": (flat(), flat(torch.bfloat16), *args, 0.5, True),
+        "accumulate_": (flat(), per_segment(torch.bfloat16), *args, 0.5, True),
         "extrapolate_": (flat(), flat(), flat(), extrap, *args, True),
         "extrap_step_": (flat(), flat(), flat(), flat(), extrap, *args, True),
         "segment_sq_norms": (flat(torch.float16), *args, scalar(0.25)),
         "lamb_step_": (
-            *(flat(torch.bfloat16), flat(torch.bfloat16), flat(), flat().abs(), flat(), steps, lamb),
+            *(
+                flat(torch.bfloat16),
+                per_segment(torch.bfloat16),
+                flat(torch.bfloat16),
+                m,
+                v,
+                flat(),
+                steps,
+                lamb,
+            ),
             *(*args, scalar(4.0), scalar(0.5), scalar(0.0)),
         ),
     }
@@ -52,19 +68,22 @@ def test_opcheck(backend, name):
 def fake_calls(mode: FakeTensorMode) -> dict[str, object]:
     """Every public op called under ``mode`` on fake copies of real inputs (built outside the mode)."""
     real = op_cases()
-    fake = {
-        name: [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
-        for name, args in real.items()
-    }
-    table = ChunkTable(*real["accumulate_"][2:7], N, 32, True)
-    chunks = ChunkTable(*fake["accumulate_"][2:7], N, 32, True)
+
+    def to_fake(arg):
+        if isinstance(arg, list):
+            return [to_fake(a) for a in arg]
+        return mode.from_tensor(arg) if isinstance(arg, torch.Tensor) else arg
+
+    fake = {name: [to_fake(a) for a in args] for name, args in real.items()}
+    table = ChunkTable.from_op_args(*real["accumulate_"][2:4])
+    chunks = ChunkTable.from_op_args(*fake["accumulate_"][2:4])
     offsets = chunks.offsets
     with mode:
-        acc, grad = fake["accumulate_"][:2]
-        params, saved, direction, hyper = fake["extrapolate_"][:4]
-        momentum, extrap_hyper = fake["extrap_step_"][3:5]
-        x, scale = fake["segment_sq_norms"][0], fake["segment_sq_norms"][-1]
-        param, lamb_grad, m, v, master, step, lamb_hyper = fake["lamb_step_"][:7]
+        (acc,), grad = fake["accumulate_"][:2]
+        (params,), (saved,), (direction,), hyper = fake["extrapolate_"][:4]
+        (momentum,), extrap_hyper = fake["extrap_step_"][3:5]
+        (x,), scale = fake["segment_sq_norms"][0], fake["segment_sq_norms"][-1]
+        (param,), lamb_grad, (update,), (m,), (v,), (master,), step, lamb_hyper = fake["lamb_step_"][:8]
         return {
             "table": table,
             "accumulate_": ops.accumulate_(acc, grad, offsets, scale=2.0, chunks=chunks),
@@ -74,7 +93,8 @@ def fake_calls(mode: FakeTensorMode) -> dict[str, object]:
             ),
             "segment_sq_norms": ops.segment_sq_norms(x, offsets, scale=scale, chunks=chunks),
             "lamb_step_": ops.lamb_step_(
-                param, lamb_grad, m, v, offsets, hyper=lamb_hyper, step=step, master=master, chunks=chunks
+                *(param, lamb_grad, m, v, offsets),
+                **dict(hyper=lamb_hyper, step=step, master=master, update=update, chunks=chunks),
             ),
         }
 
@@ -104,25 +124,30 @@ def test_eager_only_without_modes_or_subclasses():
     assert not checks.eager(fake)
 
 
+def table_for(offsets: torch.Tensor, acc: torch.Tensor) -> ChunkTable:
+    """The table a plain call (no ``chunks=``) over the flat buffer ``acc`` gets."""
+    return checks.table_for(offsets, [("acc", acc, [acc])], None)
+
+
 def test_plain_calls_reuse_the_chunk_table():
     offsets = torch.tensor(OFFSETS)
     acc, grad = torch.zeros(N), torch.ones(N)
-    first = checks.chunk_table_for(offsets, acc, None)
-    assert checks.chunk_table_for(offsets, acc, None) is first
+    first = table_for(offsets, acc)
+    assert table_for(offsets, acc) is first
     ops.accumulate_(acc, grad, offsets)
-    assert checks.chunk_table_for(offsets, acc, None) is first
+    assert table_for(offsets, acc) is first
 
 
 def test_a_changed_offsets_tensor_gets_a_new_table():
     offsets = torch.tensor(OFFSETS)
     acc, grad = torch.zeros(N), torch.ones(N)
-    first = checks.chunk_table_for(offsets, acc, None)
+    first = table_for(offsets, acc)
     offsets[1] = 16  # in place: bumps offsets._version
-    second = checks.chunk_table_for(offsets, acc, None)
+    second = table_for(offsets, acc)
     assert second is not first and second.offsets.tolist() == [0, 16, 32, 80, N]
     assert ops.accumulate_(acc, grad, offsets)[:2, 1].tolist() == [16.0, 16.0]
     offsets.view(-1)[1] = 8  # through a view: the version counter is shared
-    assert checks.chunk_table_for(offsets, acc, None).offsets.tolist() == [0, 8, 32, 80, N]
+    assert table_for(offsets, acc).offsets.tolist() == [0, 8, 32, 80, N]
 
 
 def test_a_new_offsets_tensor_is_never_served_an_old_table():
@@ -130,7 +155,7 @@ def test_a_new_offsets_tensor_is_never_served_an_old_table():
     seen = []
     for first in range(0, 64, 8):  # freed and reallocated: the same address and version may come back
         offsets = torch.tensor([0, first, N])
-        table = checks.chunk_table_for(offsets, acc, None)
+        table = table_for(offsets, acc)
         assert table.offsets.tolist() == [0, first, N]
         seen.append(table)
         del offsets
@@ -160,7 +185,8 @@ def test_triton_launches_on_the_tensors_device(monkeypatch):
         expected = getattr(torch.ops.dynbatch, name)(*on_cpu[name])
         if out is not None:
             torch.testing.assert_close(out.cpu(), expected, rtol=1e-3, atol=1e-5)
-        for got, want in zip(on_gpu[name], on_cpu[name]):
+        flatten = lambda args: [t for a in args for t in (a if isinstance(a, list) else [a])]
+        for got, want in zip(flatten(on_gpu[name]), flatten(on_cpu[name])):
             if isinstance(got, torch.Tensor) and got.is_floating_point():
                 torch.testing.assert_close(got.cpu(), want, rtol=1e-2, atol=1e-3)
         assert torch.cuda.current_device() == 0

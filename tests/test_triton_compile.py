@@ -3,7 +3,9 @@
 Tests elsewhere run the kernels under the interpreter, which accepts some programs the compiler rejects;
 this compiles each variant (every storage dtype, every flag, unaligned and aligned chunk tables) in a
 subprocess without TRITON_INTERPRET, and checks that the aligned element loops use 128-bit global loads
-and stores and that ptxas spills nothing.
+and stores and that ptxas spills nothing. The kernels read their operands through int64 address tables;
+their 16-byte accesses rest on the alignment marks of ``chunk_pointer`` and ``load_bound``, which this
+test is the only guard of.
 """
 
 from __future__ import annotations

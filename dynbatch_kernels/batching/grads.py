@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from dynbatch_kernels.backends import backend_module
-from dynbatch_kernels.checks import GRAD_DTYPES, check_flat, check_same, chunk_table_for
+from dynbatch_kernels.checks import GRAD_DTYPES, check_flat, check_same, table_for
 from dynbatch_kernels.layout import FlatLayout
 
 Index = tuple[int, int]  # (buffer, segment)
@@ -36,7 +36,7 @@ class StepBuffers:
         for acc, b in zip(self.acc, buffers):  # what ops.accumulate_ checks at every call, once
             check_flat("grad", b.grad, GRAD_DTYPES)
             check_same("grad", b.grad, "acc", acc)
-            chunk_table_for(b.offsets, acc, b.chunks)
+            table_for(b.offsets, [("acc", acc, [acc]), ("grad", b.grad, [b.grad])], b.chunks)
         self._kernels = [backend_module(b.device).accumulate_ for b in buffers]
         self.backup: list[torch.Tensor] = []
         self.hits: list[torch.Tensor] = []  # parameters reached by a backward since the last gather
@@ -92,7 +92,7 @@ class StepBuffers:
         G <- 0``, straight into the backend chosen at construction (the op's per-call checks and dispatch
         cost more host time than the pass on a small model); returns each buffer's ``[S_b, 4]`` sums."""
         parts = zip(self._kernels, self.acc, self.layout.buffers)
-        return [kernel(acc, b.grad, b.chunks, scale, True) for kernel, acc, b in parts]
+        return [kernel([acc], [b.grad], b.chunks, scale, True) for kernel, acc, b in parts]
 
     def launch_backup(self) -> None:
         """``A' <- A`` before a fused pass, so that the micro-batch can be rolled back exactly."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from dynbatch_kernels.backends import backend_module
-from dynbatch_kernels.checks import GRAD_DTYPES, check_disjoint, check_flat, check_hyper, chunk_table_for
+from dynbatch_kernels.checks import GRAD_DTYPES, Operand, as_operand, check_disjoint, check_hyper, table_for
 from dynbatch_kernels.chunks import ChunkTable
 from dynbatch_kernels.columns import (
     EXTRAP_ACTIVE,
@@ -40,10 +40,10 @@ def extrap_hyper_row(
 
 @shared_arg_docs
 def extrapolate_(
-    params: torch.Tensor,
-    saved: torch.Tensor,
-    direction: torch.Tensor,
-    offsets: torch.Tensor,
+    params: Operand,
+    saved: Operand,
+    direction: Operand,
+    offsets: torch.Tensor | None,
     hyper: torch.Tensor,
     *,
     zero_direction: bool = False,
@@ -59,8 +59,8 @@ def extrapolate_(
         d[i]      <- 0                                    (only with zero_direction)
 
     Args:
-        params: flat parameters, float32, bfloat16 or float16: ``w`` in, ``u`` out.
-        saved: receives ``w``; ``params``'s dtype and length.
+        params: parameters, float32, bfloat16 or float16: ``w`` in, ``u`` out. {operand}
+        saved: receives ``w``; ``params``'s dtype, laid out like it (flat or a list).
         direction: ``d`` (float32, bfloat16 or float16), e.g. the mini-batch gradient at ``w``.
         offsets: {offsets}
         hyper: float32 ``[S, NUM_EXTRAP_HYPER]`` per-segment hyper-parameters (columns ``EXTRAP_*``), on
@@ -70,21 +70,19 @@ def extrapolate_(
 
     Bytes per element (float32): read ``w``, ``d``; write ``saved``, ``u``: 16 (20 with zero_direction).
     """
-    check_flat("params", params, GRAD_DTYPES)
-    check_flat("saved", saved, (params.dtype,))
-    check_flat("direction", direction, GRAD_DTYPES)
-    check_disjoint(("params", params), ("saved", saved), ("direction", direction))
-    table = _extrap_table(offsets, params, hyper, chunks)
-    _extrapolate_op(params, saved, direction, hyper, *table.op_args(), bool(zero_direction))
+    named = _operands(params, saved, ("direction", direction, GRAD_DTYPES))
+    table = _extrap_table(offsets, named, hyper, chunks)
+    ops = [op for _, _, op in named]
+    _extrapolate_op(*ops, hyper, *table.op_args(), bool(zero_direction))
 
 
 @shared_arg_docs
 def extrap_step_(
-    params: torch.Tensor,
-    saved: torch.Tensor,
-    grad: torch.Tensor,
-    momentum: torch.Tensor,
-    offsets: torch.Tensor,
+    params: Operand,
+    saved: Operand,
+    grad: Operand,
+    momentum: Operand,
+    offsets: torch.Tensor | None,
     hyper: torch.Tensor,
     *,
     extrapolate_next: bool = False,
@@ -107,8 +105,8 @@ def extrap_step_(
         saved[i]  <- w'  (rounded to the parameter dtype);   params[i] <- w' - gamma * (g + lam * w')
 
     Args:
-        params: flat parameters (float32, bfloat16 or float16): ``u`` in (not read), ``w'`` or the next
-            ``u`` out.
+        params: parameters (float32, bfloat16 or float16): ``u`` in (not read), ``w'`` or the next
+            ``u`` out. {operand}
         saved: the iterate ``w`` (``params``'s dtype); becomes ``w'`` with ``extrapolate_next``.
         grad: the gradient at ``u`` (float32, bfloat16 or float16).
         momentum: float32 momentum buffer, updated in place.
@@ -120,42 +118,45 @@ def extrap_step_(
     Bytes per element (float32): read ``saved``, ``g``, ``m``; write ``params``, ``m``: 20 (24 with
     extrapolate_next, which also writes ``saved``).
     """
-    check_flat("params", params, GRAD_DTYPES)
-    check_flat("saved", saved, (params.dtype,))
-    check_flat("grad", grad, GRAD_DTYPES)
-    check_flat("momentum", momentum, (torch.float32,))
-    check_disjoint(("params", params), ("saved", saved), ("grad", grad), ("momentum", momentum))
-    table = _extrap_table(offsets, params, hyper, chunks)
-    _extrap_step_op(params, saved, grad, momentum, hyper, *table.op_args(), bool(extrapolate_next))
+    named = _operands(params, saved, ("grad", grad, GRAD_DTYPES), ("momentum", momentum, (torch.float32,)))
+    table = _extrap_table(offsets, named, hyper, chunks)
+    ops = [op for _, _, op in named]
+    _extrap_step_op(*ops, hyper, *table.op_args(), bool(extrapolate_next))
+
+
+def _operands(params: Operand, saved: Operand, *others: tuple[str, Operand, tuple[torch.dtype, ...]]) -> list:
+    """``(name, as given, as_operand(...))`` for ``params``, ``saved`` (``params``'s dtype) and the others;
+    flat buffers among them checked for overlap."""
+    params_op = as_operand("params", params, GRAD_DTYPES)
+    dtype = params_op[0].dtype if params_op else torch.float32
+    named = [("params", params, params_op), ("saved", saved, as_operand("saved", saved, (dtype,)))]
+    named += [(name, given, as_operand(name, given, dtypes)) for name, given, dtypes in others]
+    check_disjoint(*((name, given) for name, given, _ in named))
+    return named
 
 
 def _extrap_table(
-    offsets: torch.Tensor, params: torch.Tensor, hyper: torch.Tensor, chunks: ChunkTable | None
+    offsets: torch.Tensor | None, named: list, hyper: torch.Tensor, chunks: ChunkTable | None
 ) -> ChunkTable:
-    table = chunk_table_for(offsets, params, chunks)
-    check_hyper("hyper", hyper, table.num_segments, NUM_EXTRAP_HYPER, params)
+    table = table_for(offsets, named, chunks)
+    check_hyper("hyper", hyper, table.num_segments, NUM_EXTRAP_HYPER, table.offsets)
     return table
 
 
 @fused_op("extrapolate_", mutates_args=("params", "saved", "direction"))
 def _extrapolate_op(
-    params: torch.Tensor,
-    saved: torch.Tensor,
-    direction: torch.Tensor,
+    params: list[torch.Tensor],
+    saved: list[torch.Tensor],
+    direction: list[torch.Tensor],
     hyper: torch.Tensor,
-    offsets: torch.Tensor,
-    starts: torch.Tensor,
-    ends: torch.Tensor,
-    segment_chunks: torch.Tensor,
-    chunk_segments: torch.Tensor,
-    chunk_size: int,
-    aligned: bool,
+    table: list[torch.Tensor],
+    sizes: list[int],
     zero_direction: bool,
 ) -> None:
-    table = ChunkTable.from_op_args(
-        params.numel(), offsets, starts, ends, segment_chunks, chunk_segments, chunk_size, aligned
+    chunks = ChunkTable.from_op_args(table, sizes)
+    backend_module(chunks.offsets.device).extrapolate_(
+        params, saved, direction, hyper, chunks, zero_direction
     )
-    backend_module(params.device).extrapolate_(params, saved, direction, hyper, table, zero_direction)
 
 
 @_extrapolate_op.register_fake
@@ -165,24 +166,19 @@ def _(params, saved, direction, hyper, *rest):
 
 @fused_op("extrap_step_", mutates_args=("params", "saved", "momentum"))
 def _extrap_step_op(
-    params: torch.Tensor,
-    saved: torch.Tensor,
-    grad: torch.Tensor,
-    momentum: torch.Tensor,
+    params: list[torch.Tensor],
+    saved: list[torch.Tensor],
+    grad: list[torch.Tensor],
+    momentum: list[torch.Tensor],
     hyper: torch.Tensor,
-    offsets: torch.Tensor,
-    starts: torch.Tensor,
-    ends: torch.Tensor,
-    segment_chunks: torch.Tensor,
-    chunk_segments: torch.Tensor,
-    chunk_size: int,
-    aligned: bool,
+    table: list[torch.Tensor],
+    sizes: list[int],
     extrapolate_next: bool,
 ) -> None:
-    table = ChunkTable.from_op_args(
-        params.numel(), offsets, starts, ends, segment_chunks, chunk_segments, chunk_size, aligned
+    chunks = ChunkTable.from_op_args(table, sizes)
+    backend_module(chunks.offsets.device).extrap_step_(
+        params, saved, grad, momentum, hyper, chunks, extrapolate_next
     )
-    backend_module(params.device).extrap_step_(params, saved, grad, momentum, hyper, table, extrapolate_next)
 
 
 @_extrap_step_op.register_fake

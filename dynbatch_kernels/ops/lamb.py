@@ -8,11 +8,13 @@ import torch
 from dynbatch_kernels.backends import backend_module
 from dynbatch_kernels.checks import (
     GRAD_DTYPES,
+    Operand,
+    as_operand,
     check_device_scalar,
     check_disjoint,
     check_flat,
     check_hyper,
-    chunk_table_for,
+    table_for,
 )
 from dynbatch_kernels.chunks import ChunkTable
 from dynbatch_kernels.columns import (
@@ -69,8 +71,8 @@ def lamb_hyper_row(
 
 @shared_arg_docs
 def segment_sq_norms(
-    x: torch.Tensor,
-    offsets: torch.Tensor,
+    x: Operand,
+    offsets: torch.Tensor | None,
     *,
     scale: torch.Tensor | None = None,
     chunks: ChunkTable | None = None,
@@ -78,7 +80,7 @@ def segment_sq_norms(
     """Per-segment squared norms ``out[j] = sum_i (s*x[i])^2`` in one read-only pass.
 
     Args:
-        x: flat float32, bfloat16 or float16 buffer.
+        x: float32, bfloat16 or float16. {operand}
         offsets: {offsets}
         scale: optional one-element float32 tensor ``s`` on ``x``'s device (e.g. the inverse loss scale),
             applied per element so that a large scale cannot overflow the float32 partial sums.
@@ -88,16 +90,16 @@ def segment_sq_norms(
         float32 ``[S]``, each summed per chunk in float32 and over chunks in float64, in a fixed order.
         Bytes per element: one read of ``x`` (4 for float32, 2 for bfloat16/float16).
     """
-    check_flat("x", x, GRAD_DTYPES)
-    check_device_scalar("scale", scale, x)
-    table = chunk_table_for(offsets, x, chunks)
-    return _segment_sq_norms_op(x, *table.op_args(), scale)
+    x_op = as_operand("x", x, GRAD_DTYPES)
+    table = table_for(offsets, [("x", x, x_op)], chunks)
+    check_device_scalar("scale", scale, table.offsets)
+    return _segment_sq_norms_op(x_op, *table.op_args(), scale)
 
 
 @shared_arg_docs
 def lamb_grad_sq_norm(
-    grad: torch.Tensor,
-    offsets: torch.Tensor,
+    grad: Operand,
+    offsets: torch.Tensor | None,
     hyper: torch.Tensor,
     *,
     inv_grad_scale: torch.Tensor | None = None,
@@ -113,23 +115,25 @@ def lamb_grad_sq_norm(
         offsets: {offsets}
         chunks: {chunks}
     """
-    table = chunk_table_for(offsets, grad, chunks)
-    check_hyper("hyper", hyper, table.num_segments, NUM_LAMB_HYPER, grad)
+    grad_op = as_operand("grad", grad, GRAD_DTYPES)
+    table = table_for(offsets, [("grad", grad, grad_op)], chunks)
+    check_hyper("hyper", hyper, table.num_segments, NUM_LAMB_HYPER, table.offsets)
     sq = segment_sq_norms(grad, table.offsets, scale=inv_grad_scale, chunks=table)
     return torch.where(hyper[:, LAMB_ACTIVE] != 0, sq, 0.0).sum(dtype=torch.float64).float()
 
 
 @shared_arg_docs
 def lamb_step_(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    offsets: torch.Tensor,
+    param: Operand,
+    grad: Operand,
+    exp_avg: Operand,
+    exp_avg_sq: Operand,
+    offsets: torch.Tensor | None,
     *,
     hyper: torch.Tensor,
     step: torch.Tensor,
-    master: torch.Tensor | None = None,
+    master: Operand | None = None,
+    update: Operand | None = None,
     grad_sq_norm: torch.Tensor | None = None,
     inv_grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
@@ -149,7 +153,7 @@ def lamb_step_(
         r_j = clip(|w|_j / |u|_j, r_min, r_max)  if adapt and |w|_j > 0 and |u|_j > 0, else 1
         w  <- w - lr * r_j * u ;   step[j] <- step[j] + 1
 
-    Pass 1 reads ``g, m, v, w`` and writes ``m, v`` and ``u`` (into ``grad``'s buffer, in its dtype), with
+    Pass 1 reads ``g, m, v, w`` and writes ``m, v`` and ``u`` (into ``update``, in its dtype), with
     per-chunk partial sums of ``|w|^2, |u|^2, |s*g|^2``; a per-segment reduction (fixed order, float64)
     then gives ``r_j``; pass 2 reads ``w, u`` and writes ``w``. ``w`` is ``master`` when given (float32
     master weights of bfloat16/float16 parameters; both are written in pass 2), else ``param``.
@@ -164,14 +168,20 @@ def lamb_step_(
     ``found_inf != 0`` or ``G`` is given and not finite; in the latter case ``found_inf`` (if given) is set
     to 1. Every decision is taken on the device: no host synchronisation.
 
+    Every tensor operand is either a flat buffer laid out by ``offsets`` or a list of one tensor per
+    segment, wherever it lives; mixing both is fine (e.g. parameters and gradients where the model keeps
+    them, moments in flat buffers).
+
     Args:
-        param: flat parameters, float32, bfloat16 or float16; updated in place.
-        grad: the flat gradient, ``param``'s dtype; overwritten with the update ``u`` (unless skipped).
+        param: parameters, float32, bfloat16 or float16; updated in place. {operand}
+        grad: the gradient, ``param``'s dtype; overwritten with the update ``u`` (unless skipped) when
+            ``update`` is None, else only read.
         exp_avg, exp_avg_sq: float32 moment buffers, updated in place.
         offsets: {offsets}
         hyper: float32 ``[S, NUM_LAMB_HYPER]`` table on the device (rows from :func:`lamb_hyper_row`).
         step: float32 ``[S]`` steps taken so far per segment; incremented in place unless skipped.
         master: float32 master weights for bfloat16/float16 ``param`` (None for float32 ``param``).
+        update: where pass 1 stores ``u`` for pass 2 (``param``'s dtype); ``grad`` itself when None.
         grad_sq_norm: one-element float32 ``|s*g|^2`` over every segment being clipped together; enables
             clipping (column ``LAMB_MAX_GRAD_NORM``, ``inf`` = not clipped) and the finiteness check.
         inv_grad_scale: one-element float32 ``s`` (a GradScaler's ``1/scale``); 1 when None.
@@ -183,24 +193,30 @@ def lamb_step_(
         clipping) and ``LAMB_RATIO`` (the ``r_j`` applied; 1 for inactive segments). When the step is
         skipped they describe the update that was not applied.
     """
-    check_flat("param", param, GRAD_DTYPES)
-    check_flat("grad", grad, (param.dtype,))
-    check_flat("exp_avg", exp_avg, (torch.float32,))
-    check_flat("exp_avg_sq", exp_avg_sq, (torch.float32,))
-    named = [("param", param), ("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)]
+    param_op = as_operand("param", param, GRAD_DTYPES)
+    dtype = param_op[0].dtype if param_op else torch.float32
+    named = [
+        ("param", param, param_op),
+        ("grad", grad, as_operand("grad", grad, (dtype,))),
+        ("exp_avg", exp_avg, as_operand("exp_avg", exp_avg, (torch.float32,))),
+        ("exp_avg_sq", exp_avg_sq, as_operand("exp_avg_sq", exp_avg_sq, (torch.float32,))),
+    ]
     if master is not None:
-        if param.dtype == torch.float32:
+        if dtype == torch.float32:
             raise ValueError(
                 "master: expected None for float32 param (master weights are for bfloat16/float16)"
             )
-        named.append(("master", check_flat("master", master, (torch.float32,))))
-    check_disjoint(*named)
-    table = chunk_table_for(offsets, param, chunks)
-    check_hyper("hyper", hyper, table.num_segments, NUM_LAMB_HYPER, param)
+        named.append(("master", master, as_operand("master", master, (torch.float32,))))
+    if update is not None:
+        named.append(("update", update, as_operand("update", update, (dtype,))))
+    check_disjoint(*((name, given) for name, given, _ in named))
+    table = table_for(offsets, named, chunks)
+    ops = {name: op for name, _, op in named}
+    check_hyper("hyper", hyper, table.num_segments, NUM_LAMB_HYPER, table.offsets)
     check_flat("step", step, (torch.float32,))
-    if step.numel() != table.num_segments or step.device != param.device:
+    if step.numel() != table.num_segments or step.device != table.offsets.device:
         raise ValueError(
-            f"step: expected {table.num_segments} counts (one per segment) on {param.device}, "
+            f"step: expected {table.num_segments} counts (one per segment) on {table.offsets.device}, "
             f"got {step.numel()} on {step.device}"
         )
     for name, scalar in (
@@ -208,13 +224,14 @@ def lamb_step_(
         ("inv_grad_scale", inv_grad_scale),
         ("found_inf", found_inf),
     ):
-        check_device_scalar(name, scalar, param)
+        check_device_scalar(name, scalar, table.offsets)
     return _lamb_step_op(
-        param,
-        grad,
-        exp_avg,
-        exp_avg_sq,
-        master,
+        ops["param"],
+        ops["grad"],
+        ops.get("update", []),
+        ops["exp_avg"],
+        ops["exp_avg_sq"],
+        ops.get("master", []),
         step,
         hyper,
         *table.op_args(),
@@ -226,58 +243,54 @@ def lamb_step_(
 
 @fused_op("segment_sq_norms", mutates_args=())
 def _segment_sq_norms_op(
-    x: torch.Tensor,
-    offsets: torch.Tensor,
-    starts: torch.Tensor,
-    ends: torch.Tensor,
-    segment_chunks: torch.Tensor,
-    chunk_segments: torch.Tensor,
-    chunk_size: int,
-    aligned: bool,
-    scale: torch.Tensor | None,
+    x: list[torch.Tensor], table: list[torch.Tensor], sizes: list[int], scale: torch.Tensor | None
 ) -> torch.Tensor:
-    table = ChunkTable.from_op_args(
-        x.numel(), offsets, starts, ends, segment_chunks, chunk_segments, chunk_size, aligned
-    )
-    return backend_module(x.device).segment_sq_norms(x, table, scale)
+    chunks = ChunkTable.from_op_args(table, sizes)
+    return backend_module(chunks.offsets.device).segment_sq_norms(x, chunks, scale)
 
 
 @_segment_sq_norms_op.register_fake
-def _(x, offsets, *rest):
-    return x.new_empty(offsets.shape[0] - 1, dtype=torch.float32)
+def _(x, table, *rest):
+    return table[0].new_empty(table[0].shape[0] - 1, dtype=torch.float32)
 
 
 @fused_op(
     "lamb_step_",
-    mutates_args=("param", "grad", "exp_avg", "exp_avg_sq", "master", "step", "found_inf"),
+    mutates_args=("param", "grad", "update", "exp_avg", "exp_avg_sq", "master", "step", "found_inf"),
 )
 def _lamb_step_op(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    master: torch.Tensor | None,
+    param: list[torch.Tensor],
+    grad: list[torch.Tensor],
+    update: list[torch.Tensor],
+    exp_avg: list[torch.Tensor],
+    exp_avg_sq: list[torch.Tensor],
+    master: list[torch.Tensor],
     step: torch.Tensor,
     hyper: torch.Tensor,
-    offsets: torch.Tensor,
-    starts: torch.Tensor,
-    ends: torch.Tensor,
-    segment_chunks: torch.Tensor,
-    chunk_segments: torch.Tensor,
-    chunk_size: int,
-    aligned: bool,
+    table: list[torch.Tensor],
+    sizes: list[int],
     grad_sq_norm: torch.Tensor | None,
     inv_grad_scale: torch.Tensor | None,
     found_inf: torch.Tensor | None,
 ) -> torch.Tensor:
-    table = ChunkTable.from_op_args(
-        param.numel(), offsets, starts, ends, segment_chunks, chunk_segments, chunk_size, aligned
-    )
-    return backend_module(param.device).lamb_step_(
-        param, grad, exp_avg, exp_avg_sq, master, step, hyper, table, grad_sq_norm, inv_grad_scale, found_inf
+    """``update`` and ``master`` are empty lists when absent (a custom op has no optional tensor lists)."""
+    chunks = ChunkTable.from_op_args(table, sizes)
+    return backend_module(chunks.offsets.device).lamb_step_(
+        param,
+        grad,
+        update or grad,
+        exp_avg,
+        exp_avg_sq,
+        master or None,
+        step,
+        hyper,
+        chunks,
+        grad_sq_norm,
+        inv_grad_scale,
+        found_inf,
     )
 
 
 @_lamb_step_op.register_fake
-def _(param, grad, exp_avg, exp_avg_sq, master, step, hyper, offsets, *rest):
-    return param.new_empty(offsets.shape[0] - 1, NUM_LAMB_STATS, dtype=torch.float32)
+def _(param, grad, update, exp_avg, exp_avg_sq, master, step, hyper, table, *rest):
+    return table[0].new_empty(table[0].shape[0] - 1, NUM_LAMB_STATS, dtype=torch.float32)

@@ -1,9 +1,10 @@
 """Triton LAMB / LAMBC: the two passes of :func:`dynbatch_kernels.ops.lamb_step_`, and pass 0.
 
-Launches per step: pass 1 (one program per chunk: ``m, v, u`` and partial sums), the shared segment
-reduction, a per-segment kernel (trust ratios, step counts, ``found_inf``), pass 2 (one program per chunk:
-``w -= lr * r * u``). Every skip decision is made by each program from ``found_inf`` and the global norm on
-the device, so nothing waits for the host.
+Launches per step: pass 1 (one program per chunk: ``m, v``, ``u`` into ``update`` and partial sums), the
+shared segment reduction, a per-segment kernel (trust ratios, step counts, ``found_inf``), pass 2 (one
+program per chunk: ``w -= lr * r * u``, reading ``u`` back from ``update``, which may alias ``grad``).
+Every skip decision is made by each program from ``found_inf`` and the global norm on the device, so
+nothing waits for the host.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import triton.language as tl
 
 from dynbatch_kernels import columns
 from dynbatch_kernels.chunks import ChunkTable
-from dynbatch_kernels.triton.launch import load_bound, on_device_of_first
+from dynbatch_kernels.triton.launch import TAIL, chunk_extent, chunk_pointer, on_device_of_first, operand_args
 from dynbatch_kernels.triton.segments import reduce_segments
 
 #: Elements per loop step inside a chunk, and warps per program: the documented fixed choice of
@@ -64,46 +65,101 @@ def _skipped(norm_sq_ptr, found_inf_ptr, HAS_NORM: tl.constexpr, HAS_FOUND_INF: 
 
 
 @triton.jit
+def _sq_norm_block(x, offs, count, scale):
+    """``(scale * x)^2`` at chunk offsets ``offs < count`` (0 elsewhere)."""
+    value = tl.load(x + offs, mask=offs < count, other=0.0).to(tl.float32) * scale
+    return value * value
+
+
+@triton.jit
 def _sq_norm_kernel(
-    x_ptr,
+    x_table,
     starts_ptr,
     ends_ptr,
+    body_ends_ptr,
+    chunk_segments_ptr,
     partials_ptr,
     scale_ptr,
+    X_DTYPE: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     ALIGNED: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     chunk = tl.program_id(0)
-    start = load_bound(starts_ptr + chunk, ALIGNED)
-    end = load_bound(ends_ptr + chunk, ALIGNED)
+    start, body, count = chunk_extent(starts_ptr, ends_ptr, body_ends_ptr, chunk, ALIGNED)
+    x = chunk_pointer(x_table, tl.load(chunk_segments_ptr + chunk), start, X_DTYPE, ALIGNED)
     scale = 1.0
     if HAS_SCALE:
         scale = tl.load(scale_ptr)
     total = tl.zeros([BLOCK], dtype=tl.float32)
     for step in range(0, CHUNK, BLOCK):
-        idx = start + step + tl.arange(0, BLOCK)
-        x = tl.load(x_ptr + idx, mask=idx < end, other=0.0).to(tl.float32) * scale
-        total += x * x
-    tl.store(partials_ptr + chunk, tl.sum(total, axis=0))
+        total += _sq_norm_block(x, step + tl.arange(0, BLOCK), body, scale)
+    total_sum = tl.sum(total, axis=0)
+    if ALIGNED:  # the tail after the vector body, under ALIGN elements
+        total_sum += tl.sum(_sq_norm_block(x, body + tl.arange(0, TAIL), count, scale), axis=0)
+    tl.store(partials_ptr + chunk, total_sum)
+
+
+@triton.jit
+def _update_block(
+    w_ptr,
+    grad_ptr,
+    update_ptr,
+    m_ptr,
+    v_ptr,
+    offs,
+    count,
+    store_count,
+    grad_scale,
+    inv_scale,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    inv_bc1,
+    inv_sqrt_bc2,
+):
+    """Pass 1 at chunk offsets ``offs < count``: ``m, v, u`` (stored below ``store_count``); the
+    elementwise terms of ``|w|^2, |u|^2, |g/scale|^2``."""
+    mask = offs < count
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    raw = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = raw * grad_scale
+    m = beta1 * tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32) + (1.0 - beta1) * g
+    v = beta2 * tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32) + (1.0 - beta2) * g * g
+    denom = tl.sqrt_rn(v) * inv_sqrt_bc2 + eps
+    u = tl.where(mask, tl.div_rn(m * inv_bc1, denom) + weight_decay * w, 0.0)
+    stored = offs < store_count
+    tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=stored)
+    tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=stored)
+    tl.store(update_ptr + offs, u.to(update_ptr.dtype.element_ty), mask=stored)
+    unscaled = raw * inv_scale
+    return w * w, u * u, unscaled * unscaled
 
 
 @triton.jit
 def _update_kernel(
-    w_ptr,
-    grad_ptr,
-    m_ptr,
-    v_ptr,
+    w_table,
+    grad_table,
+    update_table,
+    m_table,
+    v_table,
     hyper_ptr,
     step_ptr,
     starts_ptr,
     ends_ptr,
+    body_ends_ptr,
     chunk_segments_ptr,
     partials_ptr,
     norm_sq_ptr,
     inv_scale_ptr,
     found_inf_ptr,
+    W_DTYPE: tl.constexpr,
+    GRAD_DTYPE: tl.constexpr,
+    UPDATE_DTYPE: tl.constexpr,
+    M_DTYPE: tl.constexpr,
+    V_DTYPE: tl.constexpr,
     HAS_NORM: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
@@ -111,14 +167,22 @@ def _update_kernel(
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Pass 1 on one chunk: ``m, v`` and ``u`` (into grad), partial ``|w|^2, |u|^2, |s*g|^2``."""
+    """Pass 1 on one chunk: ``m, v`` and ``u`` (into update), partial ``|w|^2, |u|^2, |s*g|^2``."""
     chunk = tl.program_id(0)
     seg = tl.load(chunk_segments_ptr + chunk)
     row = hyper_ptr + seg * NUM_HYPER
     active = tl.load(row + ACTIVE) != 0
-    start = load_bound(starts_ptr + chunk, ALIGNED)
-    end = tl.where(active, load_bound(ends_ptr + chunk, ALIGNED), start)
-    store_end = tl.where(_skipped(norm_sq_ptr, found_inf_ptr, HAS_NORM, HAS_FOUND_INF), start, end)
+    start, body, count = chunk_extent(starts_ptr, ends_ptr, body_ends_ptr, chunk, ALIGNED)
+    body = tl.where(active, body, 0)
+    count = tl.where(active, count, 0)
+    skipped = _skipped(norm_sq_ptr, found_inf_ptr, HAS_NORM, HAS_FOUND_INF)
+    store_body = tl.where(skipped, 0, body)
+    store_count = tl.where(skipped, 0, count)
+    w = chunk_pointer(w_table, seg, start, W_DTYPE, ALIGNED)
+    grad = chunk_pointer(grad_table, seg, start, GRAD_DTYPE, ALIGNED)
+    update = chunk_pointer(update_table, seg, start, UPDATE_DTYPE, ALIGNED)
+    m = chunk_pointer(m_table, seg, start, M_DTYPE, ALIGNED)
+    v = chunk_pointer(v_table, seg, start, V_DTYPE, ALIGNED)
     beta1 = tl.load(row + BETA1)
     beta2 = tl.load(row + BETA2)
     eps = tl.load(row + EPS)
@@ -141,27 +205,28 @@ def _update_kernel(
     uu = tl.zeros([BLOCK], dtype=tl.float32)
     gg = tl.zeros([BLOCK], dtype=tl.float32)
     for offset in range(0, CHUNK, BLOCK):
-        idx = start + offset + tl.arange(0, BLOCK)
-        mask = idx < end
-        w = tl.load(w_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        raw = tl.load(grad_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        g = raw * grad_scale
-        m = beta1 * tl.load(m_ptr + idx, mask=mask, other=0.0) + (1.0 - beta1) * g
-        v = beta2 * tl.load(v_ptr + idx, mask=mask, other=0.0) + (1.0 - beta2) * g * g
-        denom = tl.sqrt_rn(v) * inv_sqrt_bc2 + eps
-        u = tl.where(mask, tl.div_rn(m * inv_bc1, denom) + weight_decay * w, 0.0)
-        stored = idx < store_end
-        tl.store(m_ptr + idx, m, mask=stored)
-        tl.store(v_ptr + idx, v, mask=stored)
-        tl.store(grad_ptr + idx, u.to(grad_ptr.dtype.element_ty), mask=stored)
-        unscaled = raw * inv_scale
-        ww += w * w
-        uu += u * u
-        gg += unscaled * unscaled
+        terms = _update_block(
+            w, grad, update, m, v, offset + tl.arange(0, BLOCK), body, store_body, grad_scale, inv_scale,
+            beta1, beta2, eps, weight_decay, inv_bc1, inv_sqrt_bc2,
+        )  # fmt: skip
+        ww += terms[0]
+        uu += terms[1]
+        gg += terms[2]
+    ww_sum = tl.sum(ww, axis=0)
+    uu_sum = tl.sum(uu, axis=0)
+    gg_sum = tl.sum(gg, axis=0)
+    if ALIGNED:  # the tail after the vector body, under ALIGN elements
+        terms = _update_block(
+            w, grad, update, m, v, body + tl.arange(0, TAIL), count, store_count, grad_scale, inv_scale,
+            beta1, beta2, eps, weight_decay, inv_bc1, inv_sqrt_bc2,
+        )  # fmt: skip
+        ww_sum += tl.sum(terms[0], axis=0)
+        uu_sum += tl.sum(terms[1], axis=0)
+        gg_sum += tl.sum(terms[2], axis=0)
     out = partials_ptr + chunk * NUM_STATS
-    tl.store(out + W_SQ, tl.sum(ww, axis=0))
-    tl.store(out + U_SQ, tl.sum(uu, axis=0))
-    tl.store(out + G_SQ, tl.sum(gg, axis=0))
+    tl.store(out + W_SQ, ww_sum)
+    tl.store(out + U_SQ, uu_sum)
+    tl.store(out + G_SQ, gg_sum)
     tl.store(out + RATIO, 0.0)
 
 
@@ -200,17 +265,33 @@ def _ratio_kernel(
 
 
 @triton.jit
+def _apply_block(w_ptr, param_ptr, update_ptr, offs, count, scale, HAS_MASTER: tl.constexpr):
+    """Pass 2 at chunk offsets ``offs < count``: ``w -= scale * u`` (and the parameters, given a master)."""
+    mask = offs < count
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    update = tl.load(update_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    new = w - scale * update
+    tl.store(w_ptr + offs, new.to(w_ptr.dtype.element_ty), mask=mask)
+    if HAS_MASTER:
+        tl.store(param_ptr + offs, new.to(param_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _apply_kernel(
-    w_ptr,
-    param_ptr,
-    grad_ptr,
+    w_table,
+    param_table,
+    update_table,
     stats_ptr,
     hyper_ptr,
     starts_ptr,
     ends_ptr,
+    body_ends_ptr,
     chunk_segments_ptr,
     norm_sq_ptr,
     found_inf_ptr,
+    W_DTYPE: tl.constexpr,
+    PARAM_DTYPE: tl.constexpr,
+    UPDATE_DTYPE: tl.constexpr,
     HAS_MASTER: tl.constexpr,
     HAS_NORM: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
@@ -223,36 +304,40 @@ def _apply_kernel(
     seg = tl.load(chunk_segments_ptr + chunk)
     row = hyper_ptr + seg * NUM_HYPER
     write = (tl.load(row + ACTIVE) != 0) & ~_skipped(norm_sq_ptr, found_inf_ptr, HAS_NORM, HAS_FOUND_INF)
-    start = load_bound(starts_ptr + chunk, ALIGNED)
-    end = tl.where(write, load_bound(ends_ptr + chunk, ALIGNED), start)
+    start, body, count = chunk_extent(starts_ptr, ends_ptr, body_ends_ptr, chunk, ALIGNED)
+    body = tl.where(write, body, 0)
+    count = tl.where(write, count, 0)
+    w = chunk_pointer(w_table, seg, start, W_DTYPE, ALIGNED)
+    param = chunk_pointer(param_table, seg, start, PARAM_DTYPE, ALIGNED)
+    update = chunk_pointer(update_table, seg, start, UPDATE_DTYPE, ALIGNED)
     scale = tl.load(row + LR) * tl.load(stats_ptr + seg * NUM_STATS + RATIO)
     for offset in range(0, CHUNK, BLOCK):
-        idx = start + offset + tl.arange(0, BLOCK)
-        mask = idx < end
-        w = tl.load(w_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        update = tl.load(grad_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        new = w - scale * update
-        tl.store(w_ptr + idx, new.to(w_ptr.dtype.element_ty), mask=mask)
-        if HAS_MASTER:
-            tl.store(param_ptr + idx, new.to(param_ptr.dtype.element_ty), mask=mask)
+        _apply_block(w, param, update, offset + tl.arange(0, BLOCK), body, scale, HAS_MASTER)
+    if ALIGNED:  # the tail after the vector body, under ALIGN elements
+        _apply_block(w, param, update, body + tl.arange(0, TAIL), count, scale, HAS_MASTER)
 
 
 def _block(chunks: ChunkTable) -> int:
     return min(BLOCK, triton.next_power_of_2(chunks.chunk_size))
 
 
+def _chunk_args(chunks: ChunkTable) -> tuple[torch.Tensor, ...]:
+    return chunks.starts, chunks.ends, chunks.body_ends, chunks.chunk_segments
+
+
 @on_device_of_first
-def segment_sq_norms(x: torch.Tensor, chunks: ChunkTable, scale: torch.Tensor | None) -> torch.Tensor:
-    partials = torch.empty(chunks.num_chunks, 1, dtype=torch.float32, device=x.device)
+def segment_sq_norms(x: list[torch.Tensor], chunks: ChunkTable, scale: torch.Tensor | None) -> torch.Tensor:
+    (table,), (dtype,), aligned = operand_args(chunks, ("x", x))
+    partials = torch.empty(chunks.num_chunks, 1, dtype=torch.float32, device=chunks.starts.device)
     if chunks.num_chunks:
         _sq_norm_kernel[(chunks.num_chunks,)](
-            x,
-            chunks.starts,
-            chunks.ends,
+            table,
+            *_chunk_args(chunks),
             partials,
             scale,
+            X_DTYPE=dtype,
             HAS_SCALE=scale is not None,
-            ALIGNED=chunks.aligned,
+            ALIGNED=aligned,
             CHUNK=chunks.chunk_size,
             BLOCK=_block(chunks),
             num_warps=NUM_WARPS,
@@ -262,11 +347,12 @@ def segment_sq_norms(x: torch.Tensor, chunks: ChunkTable, scale: torch.Tensor | 
 
 @on_device_of_first
 def lamb_step_(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    master: torch.Tensor | None,
+    param: list[torch.Tensor],
+    grad: list[torch.Tensor],
+    update: list[torch.Tensor],
+    exp_avg: list[torch.Tensor],
+    exp_avg_sq: list[torch.Tensor],
+    master: list[torch.Tensor] | None,
     step: torch.Tensor,
     hyper: torch.Tensor,
     chunks: ChunkTable,
@@ -274,25 +360,34 @@ def lamb_step_(
     inv_grad_scale: torch.Tensor | None,
     found_inf: torch.Tensor | None,
 ) -> torch.Tensor:
-    w = param if master is None else master
+    named = [("param", param), ("grad", grad), ("update", update), ("exp_avg", exp_avg)]
+    named += [("exp_avg_sq", exp_avg_sq)] + ([] if master is None else [("master", master)])
+    tables, dtypes, aligned = operand_args(chunks, *named)
+    param_t, grad_t, update_t, m_t, v_t = tables[:5]
+    w_t, w_dtype = (param_t, dtypes[0]) if master is None else (tables[5], dtypes[5])
     flags = dict(HAS_NORM=grad_sq_norm is not None, HAS_FOUND_INF=found_inf is not None)
-    tiling = dict(ALIGNED=chunks.aligned, CHUNK=chunks.chunk_size, BLOCK=_block(chunks), num_warps=NUM_WARPS)
-    partials = torch.empty(chunks.num_chunks, NUM_STATS, dtype=torch.float32, device=param.device)
+    tiling = dict(ALIGNED=aligned, CHUNK=chunks.chunk_size, BLOCK=_block(chunks), num_warps=NUM_WARPS)
+    device = chunks.starts.device
+    partials = torch.empty(chunks.num_chunks, NUM_STATS, dtype=torch.float32, device=device)
     if chunks.num_chunks:
         _update_kernel[(chunks.num_chunks,)](
-            w,
-            grad,
-            exp_avg,
-            exp_avg_sq,
+            w_t,
+            grad_t,
+            update_t,
+            m_t,
+            v_t,
             hyper,
             step,
-            chunks.starts,
-            chunks.ends,
-            chunks.chunk_segments,
+            *_chunk_args(chunks),
             partials,
             grad_sq_norm,
             inv_grad_scale,
             found_inf,
+            W_DTYPE=w_dtype,
+            GRAD_DTYPE=dtypes[1],
+            UPDATE_DTYPE=dtypes[2],
+            M_DTYPE=dtypes[3],
+            V_DTYPE=dtypes[4],
             HAS_SCALE=inv_grad_scale is not None,
             **flags,
             **tiling,
@@ -311,16 +406,17 @@ def lamb_step_(
         )
     if chunks.num_chunks:
         _apply_kernel[(chunks.num_chunks,)](
-            w,
-            param,
-            grad,
+            w_t,
+            param_t,
+            update_t,
             stats,
             hyper,
-            chunks.starts,
-            chunks.ends,
-            chunks.chunk_segments,
+            *_chunk_args(chunks),
             grad_sq_norm,
             found_inf,
+            W_DTYPE=w_dtype,
+            PARAM_DTYPE=dtypes[0],
+            UPDATE_DTYPE=dtypes[2],
             HAS_MASTER=master is not None,
             **flags,
             **tiling,

@@ -1,6 +1,9 @@
 """Every compile-time variant of every Triton kernel, compiled for sm_90 without a GPU.
 
 For each variant: the PTX, the widest global load and store in it, and ptxas's registers and spill bytes.
+Operands are passed as the launchers pass them: ``*i64`` address tables plus ``<NAME>_DTYPE`` constexprs
+(see :mod:`dynbatch_kernels.triton.launch`), so the widest access of an element-loop variant is the
+operands' (the tables' and chunk bounds' loads are 64-bit).
 ``tests/test_triton_compile.py`` checks them; ``benchmarks/ptx_report.py`` tabulates them. Needs triton's
 NVIDIA backend and a process without ``TRITON_INTERPRET``.
 """
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 from triton.compiler import ASTSource
@@ -22,11 +26,20 @@ from dynbatch_kernels.triton import accumulate, extrap, lamb, segments
 
 CAPABILITY = 90
 DTYPES = ("fp32", "bf16", "fp16")
-_CHUNKS = {"starts_ptr": "*i64", "ends_ptr": "*i64"}
-_ROWS = {"hyper_ptr": "*fp32", **_CHUNKS, "chunk_segments_ptr": "*i64"}
+TL_DTYPES = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
+_CHUNKS = dict.fromkeys(("starts_ptr", "ends_ptr", "body_ends_ptr", "chunk_segments_ptr"), "*i64")
+_ROWS = {"hyper_ptr": "*fp32", **_CHUNKS}
 _ACCESS = re.compile(r"\b(ld|st)\.global(?:\.[\w:]+)*?(?:\.v(\d))?\.[bfsu](\d+)\b")
 _REGISTERS = re.compile(r"Used (\d+) registers")
 _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def _operands(**dtypes: str) -> tuple[dict[str, str], dict[str, object]]:
+    """Operands as the launchers pass them: ``<name>_table`` (an int64 address table) and
+    ``<NAME>_DTYPE`` (its element type, a constexpr)."""
+    types = {f"{name}_table": "*i64" for name in dtypes}
+    constants = {f"{name.upper()}_DTYPE": TL_DTYPES[dtype] for name, dtype in dtypes.items()}
+    return types, constants
 
 
 @dataclass(frozen=True)
@@ -71,32 +84,36 @@ def _element_loops(aligned: bool) -> list[Variant]:
     out = []
     for dtype in DTYPES:
         for flag in (False, True):
-            out += [
+            types, dtypes = _operands(acc="fp32", grad=dtype)
+            out.append(
                 Variant(
                     f"accumulate grad={dtype}",
                     accumulate._accumulate_kernel,
-                    {"acc_ptr": "*fp32", "grad_ptr": f"*{dtype}", **_CHUNKS}
-                    | {"partials_ptr": "*fp32", "scale": "fp32"},
-                    {"ZERO_GRAD": flag, **tiling, "BLOCK": accumulate.BLOCK},
+                    {**types, **_CHUNKS, "partials_ptr": "*fp32", "scale": "fp32"},
+                    {**dtypes, "ZERO_GRAD": flag, **tiling, "BLOCK": accumulate.BLOCK},
                     accumulate.NUM_WARPS,
-                ),
+                )
+            )
+            types, dtypes = _operands(params=dtype, saved=dtype, direction=dtype)
+            out.append(
                 Variant(
                     f"extrapolate {dtype}",
                     extrap._extrapolate_kernel,
-                    {"params_ptr": f"*{dtype}", "saved_ptr": f"*{dtype}", "direction_ptr": f"*{dtype}"}
-                    | _ROWS,
-                    {"ZERO_DIRECTION": flag, **tiling, "BLOCK": extrap.BLOCK},
+                    {**types, **_ROWS},
+                    {**dtypes, "ZERO_DIRECTION": flag, **tiling, "BLOCK": extrap.BLOCK},
                     extrap.NUM_WARPS,
-                ),
+                )
+            )
+            types, dtypes = _operands(params=dtype, saved=dtype, grad=dtype, momentum="fp32")
+            out.append(
                 Variant(
                     f"extrap_step {dtype}",
                     extrap._extrap_step_kernel,
-                    {"params_ptr": f"*{dtype}", "saved_ptr": f"*{dtype}", "grad_ptr": f"*{dtype}"}
-                    | {"momentum_ptr": "*fp32", **_ROWS},
-                    {"EXTRAPOLATE_NEXT": flag, **tiling, "BLOCK": extrap.BLOCK},
+                    {**types, **_ROWS},
+                    {**dtypes, "EXTRAPOLATE_NEXT": flag, **tiling, "BLOCK": extrap.BLOCK},
                     extrap.NUM_WARPS,
-                ),
-            ]
+                )
+            )
     return out + _lamb(tiling)
 
 
@@ -111,37 +128,38 @@ def _lamb(tiling: dict) -> list[Variant]:
             return (dict.fromkeys(names, "*fp32"), {}) if full else ({}, dict.fromkeys(names))
 
         flags = {"HAS_NORM": full, "HAS_FOUND_INF": full}
-        w = "*fp32" if full else f"*{dtype}"
+        w = "fp32" if full else dtype
         types, nones = pick("scale_ptr")
+        tables, dtypes = _operands(x=dtype)
         out.append(
             Variant(
                 f"lamb norm {dtype}",
                 lamb._sq_norm_kernel,
-                {"x_ptr": f"*{dtype}", **_CHUNKS, "partials_ptr": "*fp32", **types},
-                {**nones, "HAS_SCALE": full, **tiling},
+                {**tables, **_CHUNKS, "partials_ptr": "*fp32", **types},
+                {**dtypes, **nones, "HAS_SCALE": full, **tiling},
                 lamb.NUM_WARPS,
             )
         )
         types, nones = pick("norm_sq_ptr", "inv_scale_ptr", "found_inf_ptr")
-        state = dict.fromkeys(("m_ptr", "v_ptr", "hyper_ptr", "step_ptr"), "*fp32")
+        tables, dtypes = _operands(w=w, grad=dtype, update=dtype, m="fp32", v="fp32")
+        state = dict.fromkeys(("hyper_ptr", "step_ptr"), "*fp32")
         out.append(
             Variant(
                 f"lamb update {dtype}",
                 lamb._update_kernel,
-                {"w_ptr": w, "grad_ptr": f"*{dtype}", **state, **_CHUNKS, "chunk_segments_ptr": "*i64"}
-                | {"partials_ptr": "*fp32", **types},
-                {**nones, **flags, "HAS_SCALE": full, **tiling},
+                {**tables, **state, **_CHUNKS, "partials_ptr": "*fp32", **types},
+                {**dtypes, **nones, **flags, "HAS_SCALE": full, **tiling},
                 lamb.NUM_WARPS,
             )
         )
         types, nones = pick("norm_sq_ptr", "found_inf_ptr")
-        apply = {"w_ptr": w, "param_ptr": f"*{dtype}", "grad_ptr": f"*{dtype}", "stats_ptr": "*fp32"}
+        tables, dtypes = _operands(w=w, param=dtype, update=dtype)
         out.append(
             Variant(
                 f"lamb apply {dtype}",
                 lamb._apply_kernel,
-                {**apply, **_ROWS, **types},
-                {**nones, **flags, "HAS_MASTER": full, **tiling},
+                {**tables, "stats_ptr": "*fp32", **_ROWS, **types},
+                {**dtypes, **nones, **flags, "HAS_MASTER": full, **tiling},
                 lamb.NUM_WARPS,
             )
         )
@@ -197,7 +215,8 @@ def _ptxas(ptx: str) -> tuple[int, int]:
 
 def compile_sm90(variant: Variant) -> Compiled:
     signature = {**variant.types, **dict.fromkeys(variant.constants, "constexpr")}
-    # As a launch specialises them: every buffer 16-byte aligned (as check_flat requires).
+    # As a launch specialises them: every argument buffer (address and chunk tables, hyper-parameters,
+    # partial sums) is a fresh allocation, 16-byte aligned. The operands' own alignment is ALIGNED's.
     pointers = [(i,) for i, name in enumerate(variant.fn.arg_names) if variant.types.get(name, "")[:1] == "*"]
     attrs = {key: [["tt.divisibility", 16]] for key in pointers}
     source = ASTSource(fn=variant.fn, signature=signature, constexprs=variant.constants, attrs=attrs)
