@@ -28,7 +28,7 @@ def cases(quick: bool) -> list[tuple[str, torch.Tensor]]:
 
 
 def run(device: torch.device, quick: bool = False) -> list[Row]:
-    compiled = torch.compile(reference.accumulate_)
+    compiled = torch.compile(reference.accumulate_.__wrapped__)  # the flat-buffer implementation
     return [r for case, offsets in cases(quick) for r in bench_case(case, offsets, device, compiled)]
 
 
@@ -38,10 +38,20 @@ def bench_case(case: str, offsets: torch.Tensor, device: torch.device, compiled)
     acc = torch.randn(n, device=device) * 1e-3
     grad = torch.randn(n, device=device) * 1e-3
     zeroed = grad.clone()  # the zero_grad variant's input, refilled (untimed) before each call
+    pieces = [grad[lo:hi].clone() for lo, hi in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
     fused = f"dynbatch ({backend_name(device)})"
     timed = [
         Timed(BASELINE, lambda: acc.add_(grad), 12 * n),
         Timed(fused, lambda: ops.accumulate_(acc, grad, table.offsets, chunks=table), 12 * n),
+        Timed(
+            fused + " plain call", lambda: ops.accumulate_(acc, grad, table.offsets), 12 * n, "cached table"
+        ),
+        Timed(
+            fused + " scattered grads",
+            lambda: ops.accumulate_(acc, pieces, table.offsets, chunks=table),
+            12 * n,
+            "one tensor per segment",
+        ),
         Timed(
             fused + " zero_grad",
             lambda: ops.accumulate_(acc, zeroed, table.offsets, chunks=table, zero_grad=True),

@@ -144,9 +144,11 @@ def table_for(
     segment starts on the first multiple of :data:`ALIGN` elements after the previous one. A flat operand
     must span the table; a list operand has one tensor per segment (each one checked by the backend).
     """
-    segments = next((op for _, given, op in operands if not isinstance(given, torch.Tensor)), None)
-    lengths = None if segments is None else tuple(t.numel() for t in segments)
     device = next((op[0].device for _, _, op in operands if op), torch.device("cpu"))
+    lengths = None
+    if chunks is None:  # the lengths of the first list operand (the backend checks every list's)
+        segments = next((op for _, given, op in operands if not isinstance(given, torch.Tensor)), None)
+        lengths = None if segments is None else tuple(t.numel() for t in segments)
     if chunks is not None:
         if not isinstance(chunks, ChunkTable):
             raise TypeError(f"chunks: expected a ChunkTable, got {type(chunks).__name__}")

@@ -46,7 +46,8 @@ class FlatBuffer:
 
     @property
     def offsets(self) -> torch.Tensor:
-        """int64 ``[S+1]`` on the buffer's device: segment ``j`` is ``[offsets[j], offsets[j+1])``."""
+        """int64 ``[S+1]`` on the buffer's device: segment ``j`` starts at ``offsets[j]`` and holds its
+        parameter's ``numel`` elements; the rest up to ``offsets[j+1]`` is padding."""
         return self.chunks.offsets
 
     @property
@@ -133,6 +134,24 @@ class FlatBuffer:
             if cleared:
                 torch._foreach_zero_(cleared)
         return [g is not None for g in grads]
+
+    @torch.no_grad()
+    def grad_operand(self) -> tuple[list[torch.Tensor], list[bool]]:
+        """Every ``p.grad`` where it lives, for the fused ops to read in place (one tensor per segment), and
+        which segments have one.
+
+        A segment whose ``p.grad`` is None gets its view of ``grad`` (not read: such a segment is skipped);
+        one whose ``p.grad`` is not contiguous gets the view holding a copy of it.
+        """
+        grads = [p.grad for p in self.params]
+        if None not in grads and all(g.is_contiguous() for g in grads):
+            return grads, [True] * len(grads)
+        views = self.segment_views(self.grad)
+        operand = [g if g is not None and g.is_contiguous() else v for g, v in zip(grads, views)]
+        for g, v in zip(grads, views):
+            if g is not None and not g.is_contiguous():
+                v.copy_(g)
+        return operand, [g is not None for g in grads]
 
     @torch.no_grad()
     def gather_data(self) -> None:
@@ -352,7 +371,9 @@ def _flatten(
         dtype=dtype,
         data=data,
         grad=grad,
-        chunks=ChunkTable.from_offsets(offsets, device=device, chunk_size=chunk_size),
+        chunks=ChunkTable.from_offsets(
+            offsets, device=device, chunk_size=chunk_size, lengths=[hi - lo for lo, hi in bounds]
+        ),
         names=[name for name, _ in members],
         params=[p for _, p in members],
         bounds=bounds,

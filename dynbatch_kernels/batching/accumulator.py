@@ -414,7 +414,8 @@ class GradientAccumulator:
         self._num_groups = len(groups)
         if layout is None:
             layout = FlatLayout(_named_groups(groups), bind=False)
-        new = StepBuffers(layout)
+        # an exact DDP reduction all-reduces G itself: gradients that arrive elsewhere are copied into it
+        new = StepBuffers(layout, in_place=self._ddp is None or not self._ddp.exact)
         old, self._buffers = self._buffers, new
         if old is not None:
             new.carry(old)

@@ -5,9 +5,11 @@ sum ``A`` and its backup ``A'`` (allocated at the first micro-batch that needs i
 
 ``p.grad`` across micro-batches: after each micro-batch every non-None ``p.grad`` is pointed at its
 (zeroed) segment view of ``G`` so the next backward writes straight into it (the fast path: nothing to
-copy, one identity check per parameter). Whatever replaced or cleared them (``zero_grad(set_to_none=
-True)``, a closure assigning ``p.grad``) is gathered by :meth:`FlatBuffer.gather_grads` (one copy per such
-gradient); a ``None`` gradient stays ``None``.
+copy, one identity check per parameter). A gradient that replaced one (``zero_grad(set_to_none=True)``
+then a backward, a closure assigning ``p.grad``) is read where it lives by the fused pass, which zeroes
+it, and ``p.grad`` is pointed back at the view; it is copied into ``G`` first only when it is not
+contiguous, or under an exact DDP reduction (which all-reduces ``G`` itself). A ``None`` gradient stays
+``None``.
 
 Which parameters took part in a step: those whose post-accumulate-grad hook fired (a backward reached
 them) or whose ``p.grad`` was a tensor of the user's, in an accepted micro-batch. A parameter that took
@@ -29,8 +31,11 @@ Index = tuple[int, int]  # (buffer, segment)
 class StepBuffers:
     """``A``, ``A'``, the ``p.grad`` views and the per-step participation of one layout's parameters."""
 
-    def __init__(self, layout: FlatLayout):
+    def __init__(self, layout: FlatLayout, in_place: bool = True):
         self.layout = layout
+        #: The fused pass reads a gradient that is not our view where it lives (else: copied into ``G``).
+        self.in_place = in_place
+        self._operands: list[list[torch.Tensor] | None] = [None] * len(layout.buffers)
         buffers = layout.buffers
         self.acc = [torch.zeros(b.grad.numel(), dtype=torch.float32, device=b.device) for b in buffers]
         for acc, b in zip(self.acc, buffers):  # what ops.accumulate_ checks at every call, once
@@ -71,16 +76,23 @@ class StepBuffers:
             bound = self._bound[b]
             if all(p.grad is v for p, v in zip(buf.params, bound)):
                 continue
-            buf.gather_grads()
             views, present = self._views[b], self.present[b]
+            if self.in_place:
+                operand = self._operands[b] = list(views)
+            else:
+                buf.gather_grads()
             for j, p in enumerate(buf.params):
                 g = p.grad
                 if g is None or g is bound[j]:
+                    if g is None and bound[j] is not None and self.in_place:
+                        views[j].zero_()  # cleared after a backward wrote into our view
                     bound[j] = g
                     continue
                 arrived = True
                 if not present[j]:
                     fresh.append((b, j))
+                if self.in_place:  # read where it lives by the fused pass (which zeroes it)
+                    operand[j] = g if g.is_contiguous() else views[j].copy_(g)
                 p.grad = bound[j] = views[j]
         if self.missing:
             fresh.extend(self.layout.locate(p) for p in self.hits if p.grad is not None)
@@ -90,9 +102,14 @@ class StepBuffers:
     def accumulate(self, scale: float) -> list[torch.Tensor]:
         """The fused pass :func:`~dynbatch_kernels.ops.accumulate_` on every buffer, ``A += scale * G;
         G <- 0``, straight into the backend chosen at construction (the op's per-call checks and dispatch
-        cost more host time than the pass on a small model); returns each buffer's ``[S_b, 4]`` sums."""
-        parts = zip(self._kernels, self.acc, self.layout.buffers)
-        return [kernel([acc], [b.grad], b.chunks, scale, True) for kernel, acc, b in parts]
+        cost more host time than the pass on a small model); returns each buffer's ``[S_b, 4]`` sums. With
+        :attr:`in_place`, ``G``'s segments whose gradient arrived elsewhere are read (and zeroed) there.
+        """
+        sums = []
+        for b, (kernel, acc, buf) in enumerate(zip(self._kernels, self.acc, self.layout.buffers)):
+            sums.append(kernel([acc], self._operands[b] or [buf.grad], buf.chunks, scale, True))
+            self._operands[b] = None
+        return sums
 
     def launch_backup(self) -> None:
         """``A' <- A`` before a fused pass, so that the micro-batch can be rolled back exactly."""

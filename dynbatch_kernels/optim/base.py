@@ -2,16 +2,23 @@
 
 The ops run on a :class:`~dynbatch_kernels.FlatLayout`: one flat buffer per (device, dtype) of the
 parameters, one of their gradients. By default the optimizer builds a private one (``bind=False``), so
-``p.data`` and ``p.grad`` stay where the user and torch put them, and each step
+``p.data`` and ``p.grad`` stay where the user and torch put them. Optimizers that set
+:attr:`FlatOptimizer.reads_in_place` (``FusedLAMB``, ``ExtrapSGD``) hand the ops the parameters and
+gradients themselves, one tensor per segment, which the kernels read and write where they live (through
+per-segment address tables): no copy in or out. A parameter whose ``p.grad`` is ``None`` (or with
+``requires_grad=False``) is skipped: no update, no state change. A non-contiguous ``p.grad`` is copied
+into the private gradient buffer first; non-contiguous parameters put their whole buffer on the copying
+path below. The private buffers then hold the update ``u`` of LAMB (the gradient buffer) and nothing
+else that the step reads.
 
-1. gathers the gradients: one copy of each ``p.grad`` that is not the layout's view; a parameter whose
-   ``p.grad`` is ``None`` (or with ``requires_grad=False``) is skipped: no update, no state change;
+The copying path (other subclasses, or non-contiguous parameters) each step
+
+1. gathers the gradients: one copy of each ``p.grad`` that is not the layout's view;
 2. gathers the parameters likewise and follows changes made to them outside the optimizer (below);
 3. runs the fused ops over the flat buffers;
-4. scatters the parameters back: one copy of each that is not the layout's view.
+4. scatters the parameters back: one copy of each that is not the layout's view,
 
-The private layout costs two model-sized buffers (the copies of the parameters and gradients) and 24
-bytes per float32 element and step (gather ``g`` and ``w``, scatter ``w``).
+24 more bytes per float32 element and step (gather ``g`` and ``w``, scatter ``w``).
 
 A caller's layout built with ``bind=True`` (``layout=...``) keeps the zero-copy path: the parameters and
 gradients that are its views are used in place. The per-element state lives in flat buffers beside each
@@ -76,7 +83,9 @@ class FlatState:
     per segment; ``groups``: the param group of each segment (-1: not optimized by this optimizer);
     ``marks``: each parameter's ``(data_ptr, _version)`` as the optimizer's last write left it; ``index``:
     the hyper row each segment got in the current call (its group, or -1: left untouched); ``hyper``: the
-    ``[S, len(hyper_row(...))]`` device table, rebuilt when ``key`` (what it was built from) changes.
+    ``[S, len(hyper_row(...))]`` device table, rebuilt when ``key`` (what it was built from) changes;
+    ``in_place``: the ops read the parameters and gradients where they live, ``params`` and ``grads``
+    being the operands of this call (one tensor per segment, or the buffer's flat ``data`` and ``grad``).
     """
 
     buffer: FlatBuffer
@@ -87,6 +96,9 @@ class FlatState:
     index: tuple[int, ...] = ()
     hyper: torch.Tensor | None = None
     key: tuple = field(default=(), repr=False)
+    in_place: bool = False
+    params: torch.Tensor | list[torch.Tensor] | None = field(default=None, repr=False)
+    grads: torch.Tensor | list[torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def master(self) -> torch.Tensor | None:
@@ -108,6 +120,9 @@ class FlatOptimizer(torch.optim.Optimizer):
     """
 
     state_dtypes: ClassVar[dict[str, torch.dtype | None]] = {}
+    #: The subclass's ops take the parameters and gradients where they live (``FlatState.params`` and
+    #: ``.grads`` are per-segment lists under a private layout whose parameters are contiguous).
+    reads_in_place: ClassVar[bool] = False
     #: Attributes that pickling and ``copy.deepcopy`` carry besides torch's three.
     pickled: ClassVar[tuple[str, ...]] = ("master_weights",)
     _step_supports_amp_scaling = True
@@ -265,7 +280,10 @@ class FlatOptimizer(torch.optim.Optimizer):
         key_rows = tuple(map(tuple, rows))
         self._gather_params(self._refresh())
         for st in self.flat_states:
-            present = st.buffer.gather_grads()
+            if st.in_place:
+                st.grads, present = st.buffer.grad_operand()
+            else:
+                st.grads, present = st.buffer.grad, st.buffer.gather_grads()
             # -1 (not optimized, no gradient, or requires_grad=False) picks the last row: hyper_row(None)
             steps = [has and p.requires_grad for has, p in zip(present, st.buffer.params)]
             st.index = tuple(g if on else -1 for g, on in zip(st.groups, steps))
@@ -287,17 +305,24 @@ class FlatOptimizer(torch.optim.Optimizer):
         """After the optimizer's own writes to the flat parameters: copy them into the parameters that are
         not views, and record what it left there (see :meth:`_moved`)."""
         for st in self.flat_states:
-            st.buffer.scatter_data()
+            if not st.in_place:
+                st.buffer.scatter_data()
             st.marks = _marks(st.buffer.params)
 
     @torch.no_grad()
     def _negate_maximized(self, st: FlatState) -> None:
         """Negate the flat gradient of the segments stepped in a ``maximize`` group (called again to undo).
-        With a caller's bound layout that is the user's ``p.grad`` view, negated for the step's duration."""
+        With a caller's bound layout that is the user's ``p.grad`` view, negated for the step's duration;
+        reading in place, the negated copy goes into the private buffer (nothing to undo)."""
         if not any(group["maximize"] for group in self.param_groups):
             return
         for j, g in enumerate(st.index):
             if g >= 0 and self.param_groups[g]["maximize"]:
+                if st.in_place:  # negated into the private buffer: the user's p.grad stays as it is
+                    view = st.buffer.grad_view(j)
+                    torch.neg(st.grads[j], out=view)
+                    st.grads = [*st.grads[:j], view, *st.grads[j + 1 :]]
+                    continue
                 lo, hi = st.buffer.bounds[j]
                 st.buffer.grad[lo:hi].neg_()
 
@@ -314,7 +339,14 @@ class FlatOptimizer(torch.optim.Optimizer):
         """Copy the parameters that are not views into the flat buffers; follow those ``moved`` (per flat
         state, from :meth:`_refresh`; all of them after :meth:`load_state_dict`)."""
         for st, segments in zip(self.flat_states, moved):
-            st.buffer.gather_data()
+            if segments or st.params is None:
+                params = st.buffer.params
+                st.in_place = (
+                    self.reads_in_place and self._owns_layout and all(p.is_contiguous() for p in params)
+                )
+                st.params = list(params) if st.in_place else st.buffer.data
+            if not st.in_place:
+                st.buffer.gather_data()
             if self._loaded:
                 segments = list(range(st.buffer.num_segments))
             if segments:
@@ -337,7 +369,8 @@ class FlatOptimizer(torch.optim.Optimizer):
             return
         for j in moved:
             lo, hi = st.buffer.bounds[j]
-            param, master = st.buffer.data[lo:hi], st.master[lo:hi]
+            param = st.buffer.params[j].detach().reshape(-1) if st.in_place else st.buffer.data[lo:hi]
+            master = st.master[lo:hi]
             master.copy_(torch.where((param != master.to(param.dtype)).any(), param, master))
 
     # ---- construction ----

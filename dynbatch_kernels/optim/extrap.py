@@ -103,6 +103,7 @@ class ExtrapSGD(FlatOptimizer):
     which fits past mode; local mode's first gradient would not be unscaled, so use it without GradScaler.
     """
 
+    reads_in_place = True
     state_dtypes: ClassVar[dict[str, torch.dtype | None]] = {
         "iterate": None,
         "momentum_buffer": torch.float32,
@@ -159,17 +160,17 @@ class ExtrapSGD(FlatOptimizer):
         for st in self._prepare():
             buf = st.buffer
             ops.extrapolate_(
-                buf.data,
+                st.params,
                 st.tensors["iterate"],
-                buf.grad,
+                st.grads,
                 buf.offsets,
                 st.hyper,
-                zero_direction=True,
+                zero_direction=not st.in_place,  # in place: p.grad = None below, as torch's zero_grad
                 chunks=buf.chunks,
             )
-            _copy_segments(st.tensors["iterate"], buf.data, buf, _skipped(st))  # not moved: u = w
-            for j, p in enumerate(buf.params):
-                if st.groups[j] >= 0 and not buf.grad_is_view(j):
+            _copy_segments(st.tensors["iterate"], st.params, buf, _skipped(st))  # not moved: u = w
+            for j, p in enumerate(buf.params):  # cleared unless the op zeroed p.grad itself (a bound view)
+                if st.groups[j] >= 0 and (st.in_place or not buf.grad_is_view(j)):
                     p.grad = None
         self._extrapolated = True
         self._publish()
@@ -199,9 +200,9 @@ class ExtrapSGD(FlatOptimizer):
         for st in self._prepare():
             buf = st.buffer
             ops.extrap_step_(
-                buf.data,
+                st.params,
                 st.tensors["iterate"],
-                buf.grad,
+                st.grads,
                 st.tensors["momentum_buffer"],
                 buf.offsets,
                 st.hyper,
@@ -211,7 +212,7 @@ class ExtrapSGD(FlatOptimizer):
             st.step.add_(st.hyper[:, ops.EXTRAP_ACTIVE])
             self._negate_maximized(st)  # the gradient as it was
             if self.mode == "local":
-                _copy_segments(buf.data, st.tensors["iterate"], buf, _skipped(st))  # back to w
+                _copy_segments(st.params, st.tensors["iterate"], buf, _skipped(st))  # back to w
         self._extrapolated = False
         self._publish()
         return loss
@@ -227,8 +228,9 @@ class ExtrapSGD(FlatOptimizer):
             self._gather_params(self._refresh())
             with torch.no_grad():
                 for st in self.flat_states:
-                    stash.append(st.buffer.data.clone())
-                    _copy_segments(st.buffer.data, st.tensors["iterate"], st.buffer, _updated(st))
+                    stash.append(torch.empty_like(st.tensors["iterate"]))
+                    _copy_segments(stash[-1], st.params, st.buffer, _updated(st))
+                    _copy_segments(st.params, st.tensors["iterate"], st.buffer, _updated(st))
             self._publish()
         self._swapped = True
         try:
@@ -236,7 +238,7 @@ class ExtrapSGD(FlatOptimizer):
         finally:
             with torch.no_grad():
                 for st, u in zip(self.flat_states, stash):
-                    st.buffer.data.copy_(u)
+                    _copy_segments(st.params, u, st.buffer, _updated(st))
             if stash:
                 self._publish()
             self._swapped = False
@@ -303,7 +305,7 @@ class ExtrapSGD(FlatOptimizer):
         was just loaded: the checkpoint's parameters go with its iterate)."""
         if self._holds_extrapolated() and not self._loaded:
             ours = [j for j in moved if st.groups[j] >= 0]
-            _copy_segments(st.tensors["iterate"], st.buffer.data, st.buffer, ours)
+            _copy_segments(st.tensors["iterate"], st.params, st.buffer, ours)
 
     def _holds_extrapolated(self) -> bool:
         """Whether the parameters hold ``u`` (and the iterate ``w`` is the optimizer's)."""
@@ -329,11 +331,20 @@ def _skipped(st: FlatState) -> list[int]:
     return [j for j in _updated(st) if st.index[j] < 0]
 
 
-def _copy_segments(dst: torch.Tensor, src: torch.Tensor, buf: FlatBuffer, segments: list[int]) -> None:
-    """``dst <- src`` (flat, the buffer's length) over ``segments``."""
-    if len(segments) == buf.num_segments:
+Operand = torch.Tensor | list[torch.Tensor]
+
+
+def _copy_segments(dst: Operand, src: Operand, buf: FlatBuffer, segments: list[int]) -> None:
+    """``dst <- src`` over ``segments``; each a flat buffer laid out like ``buf`` or a tensor per segment."""
+    if isinstance(dst, torch.Tensor) and isinstance(src, torch.Tensor) and len(segments) == buf.num_segments:
         dst.copy_(src)
-        return
-    for j in segments:
-        lo, hi = buf.bounds[j]
-        dst[lo:hi].copy_(src[lo:hi])
+    elif segments:
+        pairs = [(_segment(dst, buf, j), _segment(src, buf, j)) for j in segments]
+        torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
+
+
+def _segment(x: Operand, buf: FlatBuffer, j: int) -> torch.Tensor:
+    if isinstance(x, list):
+        return x[j].detach().view(-1)
+    lo, hi = buf.bounds[j]
+    return x[lo:hi]

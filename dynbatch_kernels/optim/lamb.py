@@ -58,8 +58,9 @@ class FusedLAMB(FlatOptimizer):
     ``found_inf`` skips the step on the device with everything untouched (no host synchronisation).
     ``last_stats`` / :attr:`last_trust_ratios` give the ratios of the last step for logging.
 
-    Like a ``torch.optim`` optimizer it leaves ``p.data`` and ``p.grad`` where they are (a private flat
-    layout, gathered and scattered each step; see :class:`~dynbatch_kernels.optim.base.FlatOptimizer`),
+    Like a ``torch.optim`` optimizer it leaves ``p.data`` and ``p.grad`` where they are (its kernels read
+    and write them in place; state in a private flat layout, see
+    :class:`~dynbatch_kernels.optim.base.FlatOptimizer`),
     skips parameters whose ``p.grad`` is ``None``, follows parameters changed from outside (``p.data =``,
     ``model.load_state_dict``, ``model.half()``), checks its hyper-parameters at every step, pickles and
     deep-copies. ``zero_grad()`` is torch's.
@@ -85,6 +86,7 @@ class FusedLAMB(FlatOptimizer):
     ``u`` after ``step()``.
     """
 
+    reads_in_place = True
     state_dtypes: ClassVar[dict[str, torch.dtype | None]] = {
         "exp_avg": torch.float32,
         "exp_avg_sq": torch.float32,
@@ -142,7 +144,7 @@ class FusedLAMB(FlatOptimizer):
         if grad_sq_norm is None and any(group["max_grad_norm"] is not None for group in self.param_groups):
             norms = [
                 ops.lamb_grad_sq_norm(
-                    st.buffer.grad,
+                    st.grads,
                     st.buffer.offsets,
                     st.hyper,
                     inv_grad_scale=amp[st.buffer.device][0],
@@ -157,14 +159,15 @@ class FusedLAMB(FlatOptimizer):
             buf, (inv_grad_scale, found_inf) = st.buffer, amp[st.buffer.device]
             self.last_stats.append(
                 ops.lamb_step_(
-                    buf.data,
-                    buf.grad,
+                    st.params,
+                    st.grads,
                     st.tensors["exp_avg"],
                     st.tensors["exp_avg_sq"],
                     buf.offsets,
                     hyper=st.hyper,
                     step=st.step,
                     master=st.master,
+                    update=buf.grad if st.in_place else None,
                     grad_sq_norm=None if grad_sq_norm is None else grad_sq_norm.to(buf.device),
                     inv_grad_scale=inv_grad_scale,
                     found_inf=found_inf,
