@@ -12,6 +12,7 @@ bit-identical run to run.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
 
 import torch
@@ -63,7 +64,11 @@ class ChunkTable:
 
     def op_args(self) -> tuple[list[torch.Tensor], list[int]]:
         """The table as two custom-op arguments: its tensors in field order, and ``[num_elements,
-        chunk_size, aligned]`` (the inverse of :meth:`from_op_args`)."""
+        chunk_size, aligned]`` (the inverse of :meth:`from_op_args`); built once per table."""
+        return self._op_args
+
+    @functools.cached_property
+    def _op_args(self) -> tuple[list[torch.Tensor], list[int]]:
         tensors = [getattr(self, f.name) for f in fields(self) if f.type == "torch.Tensor"]
         return tensors, [self.num_elements, self.chunk_size, int(self.aligned)]
 

@@ -144,7 +144,7 @@ class FlatBuffer:
         one whose ``p.grad`` is not contiguous gets the view holding a copy of it.
         """
         grads = [p.grad for p in self.params]
-        if None not in grads and all(g.is_contiguous() for g in grads):
+        if all(g is not None and g.is_contiguous() for g in grads):
             return grads, [True] * len(grads)
         views = self.segment_views(self.grad)
         operand = [g if g is not None and g.is_contiguous() else v for g, v in zip(grads, views)]
