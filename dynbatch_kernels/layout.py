@@ -308,6 +308,7 @@ def check_params(pairs: list[tuple[str, torch.Tensor]]) -> None:
     """Raise unless every ``(name, tensor)`` is a distinct dense real floating-point leaf tensor with storage
     of its own (the errors name the parameter)."""
     dtensor = sys.modules.get("torch.distributed.tensor")  # no DTensor exists unless it was imported
+    fsdp1 = sys.modules.get("torch.distributed.fsdp._flat_param")  # likewise FSDP1's FlatParameter
     seen: dict[int, str] = {}
     storages: list[tuple[int, int, str]] = []
     for name, p in pairs:
@@ -318,6 +319,13 @@ def check_params(pairs: list[tuple[str, torch.Tensor]]) -> None:
                 f"{name}: DTensor (FSDP2 / tensor-parallel) parameters are not supported yet; sharded "
                 "support is planned. Flattening the local shards would compute every per-tensor norm "
                 "(LAMB's trust ratios, the angle statistics) over one shard only: silently wrong"
+            )
+        if fsdp1 is not None and isinstance(p, fsdp1.FlatParameter):
+            raise TypeError(
+                f"{name}: an FSDP1 FlatParameter (FullyShardedDataParallel) holds a shard of many layers in "
+                "one tensor: per-layer norms (LAMB's trust ratios, the angle statistics) cannot be taken "
+                "from it. Use FSDP2 (torch.distributed.fsdp.fully_shard), the path sharded support is "
+                "built for, or DDP"
             )
         if id(p) in seen:
             raise ValueError(f"{name}: the same tensor is listed twice (also as {seen[id(p)]})")

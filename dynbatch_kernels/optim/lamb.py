@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 
 from dynbatch_kernels import ops
 from dynbatch_kernels.layout import FlatLayout
@@ -48,6 +49,11 @@ class FusedLAMB(FlatOptimizer):
         maximize: ascend (the gradient negated), as in torch.optim.
         layout, master_weights: see :class:`~dynbatch_kernels.optim.base.FlatOptimizer`. bfloat16/float16
             parameters get a float32 master copy by default.
+        grad_norm_group: when each rank of this process group steps a disjoint part of the model
+            (``torch.distributed.optim.ZeroRedundancyOptimizer(params, optimizer_class=FusedLAMB, ...,
+            grad_norm_group=group)``), ``max_grad_norm`` clips by the norm over every part: ``|g|^2`` is
+            summed over the group (one all-reduce of one float per step, on the device). Trust ratios need
+            nothing: each tensor is whole on one rank. Not carried by pickling or ``copy.deepcopy``.
 
     State per parameter (views into flat buffers; ``state_dict()["state"][i]``): ``"step"`` (float32
     scalar), ``"exp_avg"`` and ``"exp_avg_sq"`` (float32, the parameter's shape), and ``"master_param"``
@@ -92,6 +98,9 @@ class FusedLAMB(FlatOptimizer):
         "exp_avg_sq": torch.float32,
     }
     pickled = (*FlatOptimizer.pickled, "last_stats", "last_grad_sq_norm")
+    #: Set per instance; a copy made by pickling or ``copy.deepcopy`` has none (a process group does not
+    #: pickle).
+    grad_norm_group: dist.ProcessGroup | None = None
 
     def __init__(
         self,
@@ -108,7 +117,11 @@ class FusedLAMB(FlatOptimizer):
         maximize: bool = False,
         layout: FlatLayout | None = None,
         master_weights: bool | None = None,
+        grad_norm_group: dist.ProcessGroup | None = None,
     ):
+        if grad_norm_group is not None and not isinstance(grad_norm_group, dist.ProcessGroup):
+            raise TypeError(f"grad_norm_group: expected a ProcessGroup or None, got {grad_norm_group!r}")
+        self.grad_norm_group = grad_norm_group
         defaults = {
             "lr": lr,
             "betas": betas,
@@ -132,7 +145,8 @@ class FusedLAMB(FlatOptimizer):
 
         Args:
             closure: re-evaluates the model and returns the loss (called with gradients enabled).
-            grad_sq_norm: ``|g|^2`` of the whole unscaled gradient, already known from an earlier reduction:
+            grad_sq_norm: ``|g|^2`` of the whole unscaled gradient (over every rank's part when the model is
+                partitioned), already known from an earlier reduction:
                 replaces the read-only pass that ``max_grad_norm`` needs otherwise (one-element float32).
         """
         loss = None
@@ -153,6 +167,8 @@ class FusedLAMB(FlatOptimizer):
                 for st in states
             ]
             grad_sq_norm = sum(norm.to(norms[0].device) for norm in norms[1:]) + norms[0]
+            if self.grad_norm_group is not None:  # this rank's part of the model: sum over the parts
+                dist.all_reduce(grad_sq_norm, group=self.grad_norm_group)
         self.last_grad_sq_norm = grad_sq_norm
         self.last_stats = []
         for st in states:
