@@ -98,9 +98,6 @@ class FusedLAMB(FlatOptimizer):
         "exp_avg_sq": torch.float32,
     }
     pickled = (*FlatOptimizer.pickled, "last_stats", "last_grad_sq_norm")
-    #: Set per instance; a copy made by pickling or ``copy.deepcopy`` has none (a process group does not
-    #: pickle).
-    grad_norm_group: dist.ProcessGroup | None = None
 
     def __init__(
         self,
@@ -136,6 +133,10 @@ class FusedLAMB(FlatOptimizer):
         self.last_stats: list[torch.Tensor] = []
         self.last_grad_sq_norm: torch.Tensor | None = None
         super().__init__(params, defaults, layout=layout, master_weights=master_weights)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.grad_norm_group = None  # a process group does not pickle: a copy clips by its own part
 
     @torch.no_grad()
     def step(
