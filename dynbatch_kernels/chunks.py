@@ -12,7 +12,6 @@ bit-identical run to run.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, fields
 
 import torch
@@ -67,10 +66,10 @@ class ChunkTable:
         chunk_size, aligned]`` (the inverse of :meth:`from_op_args`); built once per table."""
         return self._op_args
 
-    @functools.cached_property
-    def _op_args(self) -> tuple[list[torch.Tensor], list[int]]:
+    def __post_init__(self) -> None:
         tensors = [getattr(self, f.name) for f in fields(self) if f.type == "torch.Tensor"]
-        return tensors, [self.num_elements, self.chunk_size, int(self.aligned)]
+        op_args = (tensors, [self.num_elements, self.chunk_size, int(self.aligned)])
+        object.__setattr__(self, "_op_args", op_args)  # built once (a frozen dataclass)
 
     @classmethod
     def from_op_args(cls, tensors: list[torch.Tensor], sizes: list[int]) -> ChunkTable:
