@@ -90,3 +90,32 @@ def test_accumulator_reads_replaced_gradients_in_place():
     ref.step()
     for p, q in zip(params_of(model), params_of(twin)):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_a_view_written_then_replaced_is_not_read_later():
+    """A backward writes into the accumulator's view, the gradient is then cleared (as ExtrapSGD's
+    ``extrapolate()`` does) and the next backward allocates a new one: that one is read in place, and the
+    view's stale values must not leak into a later sum (the buffers swap at the step)."""
+    model, twin = mlp(0), mlp(0)
+    acc = GradientAccumulator(torch.optim.SGD(model.parameters(), lr=0.1), FixedPolicy(12), model=model)
+    ref = torch.optim.SGD(twin.parameters(), lr=0.1)
+    loss = torch.nn.functional.cross_entropy
+    (x1, y1), (x2, y2), (x3, y3), (x4, y4), (x5, y5) = batches(5)
+    loss(model(x1), y1).backward()
+    assert acc.accumulate(num_samples=6) is False
+    loss(model(x2), y2).backward()  # into the accumulator's views
+    model.zero_grad(set_to_none=True)  # discarded
+    loss(model(x3), y3).backward()  # a fresh tensor per parameter
+    assert acc.accumulate(num_samples=6)
+    acc.step()
+    for x, y in ((x4, y4), (x5, y5)):
+        loss(model(x), y).backward()
+        ready = acc.accumulate(num_samples=6)
+    assert ready
+    acc.step()
+    for pair in (((x1, y1), (x3, y3)), ((x4, y4), (x5, y5))):
+        ref.zero_grad()
+        loss(twin(torch.cat([b[0] for b in pair])), torch.cat([b[1] for b in pair])).backward()
+        ref.step()
+    for p, q in zip(params_of(model), params_of(twin)):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)

@@ -77,6 +77,7 @@ class StepBuffers:
             if all(p.grad is v for p, v in zip(buf.params, bound)):
                 continue
             views, present = self._views[b], self.present[b]
+            stale: list[torch.Tensor] = []
             if self.in_place:
                 operand = self._operands[b] = list(views)
             else:
@@ -92,8 +93,12 @@ class StepBuffers:
                 if not present[j]:
                     fresh.append((b, j))
                 if self.in_place:  # read where it lives by the fused pass (which zeroes it)
+                    if bound[j] is not None:
+                        stale.append(views[j])  # a backward may have written into it before the swap
                     operand[j] = g if g.is_contiguous() else views[j].copy_(g)
                 p.grad = bound[j] = views[j]
+            if stale:
+                torch._foreach_zero_(stale)
         if self.missing:
             fresh.extend(self.layout.locate(p) for p in self.hits if p.grad is not None)
         self.hits.clear()
