@@ -35,7 +35,8 @@ def eager(*args: object) -> bool:
 
     False while ``torch.compile`` traces, under any dispatch mode (``FakeTensorMode``, ``make_fx``,
     schema checks) or torch-function mode, and when a tensor among ``args`` is a subclass (fake,
-    functional). About 1 us for a dozen arguments.
+    functional, DTensor), the first tensor of a list argument included (a list holds one kind of tensor).
+    About 1 us for a dozen arguments.
     """
     if (
         torch.compiler.is_compiling()  # first: Dynamo cannot trace the two calls after it
@@ -43,7 +44,8 @@ def eager(*args: object) -> bool:
         or torch._C._is_torch_function_mode_enabled()
     ):
         return False
-    return all(type(arg) in _EAGER_ARGS or not isinstance(arg, torch.Tensor) for arg in args)
+    firsts = (arg[0] if isinstance(arg, list) and arg else arg for arg in args)
+    return all(type(arg) in _EAGER_ARGS or not isinstance(arg, torch.Tensor) for arg in firsts)
 
 
 def check_flat(name: str, tensor: object, dtypes: tuple[torch.dtype, ...]) -> torch.Tensor:
@@ -164,7 +166,7 @@ def table_for(
         if lengths is None:
             raise ValueError("offsets: required when no operand is a list of per-segment tensors")
         padded = torch.tensor([0, *(-(-n // ALIGN) * ALIGN for n in lengths)]).cumsum(0)
-        chunks = cached_table(padded, device, lengths)
+        chunks = ChunkTable.from_offsets(padded, device=device, lengths=lengths)  # a new tensor: no cache
     else:
         if not isinstance(offsets, torch.Tensor):
             raise TypeError(f"offsets: expected an int64 tensor, got {type(offsets).__name__}")

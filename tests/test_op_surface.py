@@ -122,6 +122,7 @@ def test_eager_only_without_modes_or_subclasses():
         assert not checks.eager(plain)
         fake = mode.from_tensor(plain)
     assert not checks.eager(fake)
+    assert checks.eager([plain, plain], []) and not checks.eager([fake], plain)  # lists of segments
 
 
 def table_for(offsets: torch.Tensor, acc: torch.Tensor) -> ChunkTable:

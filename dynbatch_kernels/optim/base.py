@@ -321,7 +321,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                 if st.in_place:  # negated into the private buffer: the user's p.grad stays as it is
                     view = st.buffer.grad_view(j)
                     torch.neg(st.grads[j], out=view)
-                    st.grads = [*st.grads[:j], view, *st.grads[j + 1 :]]
+                    st.grads[j] = view  # a list made for this call (FlatBuffer.grad_operand)
                     continue
                 lo, hi = st.buffer.bounds[j]
                 st.buffer.grad[lo:hi].neg_()
