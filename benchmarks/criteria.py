@@ -4,7 +4,9 @@ Per round, every provider once, in turn (so a slow phase of the machine hits all
 rounds. Prints, for 2^24 elements and the BERT-base layout, the plain ``accumulate_`` call (no
 ``chunks=``) and its scattered-gradient form against a bare ``acc.add_(grad)``; for BERT-base and 2,000
 small tensors, FusedLAMB on a bound layout (flat), FusedLAMB reading separate tensors in place
-(scattered) and ``AdamW(fused=True)``.
+(scattered) and ``AdamW(fused=True)``; for BERT-base, ``lamb_step_`` on separate tensors with ``u`` kept in
+a private ``update=`` buffer (as FusedLAMB does) against ``u`` written over the gradients: the cost of the
+write-allocate reads of the separate buffer on a CPU.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ from collections.abc import Callable
 import torch
 
 from benchmarks.layouts import bert_base_shapes, many_small_shapes, offsets_for
-from dynbatch_kernels import FlatLayout, ops
+from dynbatch_kernels import ChunkTable, FlatLayout, ops
 from dynbatch_kernels.optim import FusedLAMB
 
-ROUNDS = 9
+ROUNDS = 25
 
 
 def rounds(providers: dict[str, Callable[[], object]], count: int = ROUNDS) -> dict[str, float]:
@@ -66,6 +68,26 @@ def lamb_case(shapes: list[tuple[int, ...]]) -> dict[str, float]:
     )
 
 
+def update_buffer_case(shapes: list[tuple[int, ...]]) -> dict[str, float]:
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
+    grads = [torch.randn(s, generator=gen) * 1e-3 for s in shapes]
+    sizes = [p.numel() for p in params]
+    offsets = torch.tensor([0, *(-(-n // 16) * 16 for n in sizes)]).cumsum(0)
+    table = ChunkTable.from_offsets(offsets, lengths=sizes)
+    n, segments = int(offsets[-1]), len(sizes)
+    m, v, update = torch.zeros(n), torch.zeros(n), torch.zeros(n)
+    hyper = torch.tensor([ops.lamb_hyper_row(lr=1e-3, trust_clip=(0.0, 1.0))] * segments)
+    step = torch.zeros(segments)
+
+    def call(target: torch.Tensor | None) -> Callable[[], object]:
+        return lambda: ops.lamb_step_(
+            params, grads, m, v, offsets, hyper=hyper, step=step, update=target, chunks=table
+        )
+
+    return rounds({"separate update": call(update), "u over the gradients": call(None)})
+
+
 def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {ROUNDS} rounds, medians in ms")
     for name, offsets in (
@@ -86,6 +108,9 @@ def main() -> None:
             f"{t['AdamW(fused)'] / t['FusedLAMB flat']:.3f}, AdamW / scattered "
             f"{t['AdamW(fused)'] / t['FusedLAMB scattered']:.3f}"
         )
+    t = update_buffer_case(bert_base_shapes())
+    print("lamb_step_ bert-base: " + ", ".join(f"{k} {v:.2f}" for k, v in t.items()))
+    print(f"  separate / over the gradients {t['separate update'] / t['u over the gradients']:.3f}")
 
 
 if __name__ == "__main__":
