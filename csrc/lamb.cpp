@@ -2,6 +2,8 @@
 //   lamb_step_:       pass 1 (m, v, u into update; partial |w|^2 |u|^2 |g|^2 per chunk) -> per-segment
 //                     trust ratios -> pass 2 (w -= lr * r * u, u read back from update). Nothing is
 //                     written when the step is skipped. update may be grad itself.
+//   lamb_update_ / lamb_apply_: pass 1 (returning the statistics) and pass 2 (ratios from statistics that
+//                     may have been summed over the shards of each tensor in between) as two calls.
 //   segment_sq_norms: per-segment |s*x|^2 in one read (pass 0: the global gradient norm for clipping).
 #include <algorithm>
 #include <cmath>
@@ -191,6 +193,97 @@ void check_buffer(const at::Tensor& t, at::ScalarType dtype, int64_t numel, cons
               " must be a contiguous CPU tensor of ", numel, " elements of ", dtype);
 }
 
+// The step's scalars: the inverse loss scale, the clipping norm, and whether the step is skipped.
+struct StepScalars {
+  float inv_scale, norm_sq;
+  bool norm_bad, skip;
+};
+
+StepScalars step_scalars(const std::optional<at::Tensor>& grad_sq_norm,
+                         const std::optional<at::Tensor>& inv_grad_scale,
+                         const std::optional<at::Tensor>& found_inf) {
+  const float norm_sq = value_or(grad_sq_norm, 0.f);
+  const bool norm_bad = grad_sq_norm && !std::isfinite(norm_sq);
+  return {value_or(inv_grad_scale, 1.f), norm_sq, norm_bad, norm_bad || value_or(found_inf, 0.f) != 0.f};
+}
+
+// The operands of pass 1 (every one) or pass 2 (param, update, master), checked against the table.
+Buffers lamb_buffers(at::TensorList param, at::TensorList grad, at::TensorList update, at::TensorList exp_avg,
+                     at::TensorList exp_avg_sq, const std::optional<at::TensorList>& master, const Chunks& table,
+                     const at::Tensor& step, const at::Tensor& hyper) {
+  Buffers b;
+  b.param = cpu_operand("param", param, table);
+  b.update = cpu_operand("update", update, table, b.param.dtype);
+  if (!grad.empty()) {
+    b.grad = cpu_operand("grad", grad, table, b.param.dtype);
+    b.exp_avg = cpu_operand("exp_avg", exp_avg, table, at::kFloat);
+    b.exp_avg_sq = cpu_operand("exp_avg_sq", exp_avg_sq, table, at::kFloat);
+  }
+  if (master) b.master = cpu_operand("master", *master, table, at::kFloat);
+  check_buffer(step, at::kFloat, table.layout.num_segments, "step");
+  check_buffer(hyper, at::kFloat, table.layout.num_segments * kNumHyper, "hyper");
+  return b;
+}
+
+// Pass 1 and the per-segment reduction: [S, 4] statistics, the ratio column 0.
+at::Tensor run_update(const Buffers& b, bool has_master, const float* h, const float* steps, const Chunks& table,
+                      const StepScalars& k) {
+  auto partials = at::empty({table.num_chunks, kNumStats}, at::TensorOptions().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype_or(b.param, at::kFloat), "lamb_update_", [&] {
+    using pass1_t = void (*)(const Buffers&, const float*, const float*, const Chunks&, float, float, float*);
+    const pass1_t passes[2][2] = {{update_pass<scalar_t, false, false>, update_pass<scalar_t, false, true>},
+                                  {update_pass<scalar_t, true, false>, update_pass<scalar_t, true, true>}};
+    passes[has_master][!k.skip](b, h, steps, table, k.inv_scale, std::sqrt(k.norm_sq),
+                                partials.data_ptr<float>());
+  });
+  return reduce_chunks(partials, table);
+}
+
+// Trust ratios from stats' norms into its ratio column, then (unless skipped) pass 2 and step += 1.
+void run_apply(const Buffers& b, bool has_master, const float* h, float* steps, const Chunks& table,
+               const StepScalars& k, at::Tensor& stats, const std::optional<at::Tensor>& found_inf) {
+  const int64_t num_segments = table.layout.num_segments;
+  trust_ratios(stats.data_ptr<float>(), h, num_segments);
+  if (k.skip) {
+    if (k.norm_bad && found_inf) found_inf->fill_(1.f);
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype_or(b.param, at::kFloat), "lamb_apply_", [&] {
+    auto* run = has_master ? apply_pass<scalar_t, true> : apply_pass<scalar_t, false>;
+    run(b, h, stats.const_data_ptr<float>(), table);
+  });
+  for (int64_t j = 0; j < num_segments; ++j) steps[j] += h[j * kNumHyper + kActive] != 0.f ? 1.f : 0.f;
+}
+
+at::Tensor lamb_update_cpu(at::TensorList param, at::TensorList grad, at::TensorList update,
+                           at::TensorList exp_avg, at::TensorList exp_avg_sq, std::optional<at::TensorList> master,
+                           const at::Tensor& step, const at::Tensor& hyper, const at::Tensor& host_offsets,
+                           const at::Tensor& host_lengths, const at::Tensor& chunk_starts,
+                           const at::Tensor& chunk_ends, const at::Tensor& segment_chunks,
+                           const at::Tensor& chunk_segments, const std::optional<at::Tensor>& grad_sq_norm,
+                           const std::optional<at::Tensor>& inv_grad_scale,
+                           const std::optional<at::Tensor>& found_inf) {
+  const Chunks table =
+      check_chunks(host_offsets, host_lengths, chunk_starts, chunk_ends, segment_chunks, chunk_segments);
+  TORCH_CHECK(!grad.empty(), "grad: expected a tensor list, got an empty one");
+  const Buffers b = lamb_buffers(param, grad, update, exp_avg, exp_avg_sq, master, table, step, hyper);
+  return run_update(b, master.has_value(), hyper.const_data_ptr<float>(), step.const_data_ptr<float>(), table,
+                    step_scalars(grad_sq_norm, inv_grad_scale, found_inf));
+}
+
+void lamb_apply_cpu(at::TensorList param, at::TensorList update, std::optional<at::TensorList> master,
+                    at::Tensor step, const at::Tensor& hyper, at::Tensor stats, const at::Tensor& host_offsets,
+                    const at::Tensor& host_lengths, const at::Tensor& chunk_starts, const at::Tensor& chunk_ends,
+                    const at::Tensor& segment_chunks, const at::Tensor& chunk_segments,
+                    const std::optional<at::Tensor>& grad_sq_norm, const std::optional<at::Tensor>& found_inf) {
+  const Chunks table =
+      check_chunks(host_offsets, host_lengths, chunk_starts, chunk_ends, segment_chunks, chunk_segments);
+  const Buffers b = lamb_buffers(param, {}, update, {}, {}, master, table, step, hyper);
+  check_buffer(stats, at::kFloat, table.layout.num_segments * kNumStats, "stats");
+  run_apply(b, master.has_value(), hyper.const_data_ptr<float>(), step.data_ptr<float>(), table,
+            step_scalars(grad_sq_norm, std::nullopt, found_inf), stats, found_inf);
+}
+
 at::Tensor lamb_step_cpu(at::TensorList param, at::TensorList grad, at::TensorList update,
                          at::TensorList exp_avg, at::TensorList exp_avg_sq,
                          std::optional<at::TensorList> master, at::Tensor step, const at::Tensor& hyper,
@@ -202,45 +295,11 @@ at::Tensor lamb_step_cpu(at::TensorList param, at::TensorList grad, at::TensorLi
                          const std::optional<at::Tensor>& found_inf) {
   const Chunks table =
       check_chunks(host_offsets, host_lengths, chunk_starts, chunk_ends, segment_chunks, chunk_segments);
-  const int64_t num_chunks = table.num_chunks;
-  const int64_t num_segments = table.layout.num_segments;
-  Buffers b;
-  b.param = cpu_operand("param", param, table);
-  const at::ScalarType dtype = dtype_or(b.param, at::kFloat);
-  b.grad = cpu_operand("grad", grad, table, b.param.dtype);
-  b.update = cpu_operand("update", update, table, b.param.dtype);
-  b.exp_avg = cpu_operand("exp_avg", exp_avg, table, at::kFloat);
-  b.exp_avg_sq = cpu_operand("exp_avg_sq", exp_avg_sq, table, at::kFloat);
-  if (master) b.master = cpu_operand("master", *master, table, at::kFloat);
-  check_buffer(step, at::kFloat, num_segments, "step");
-  check_buffer(hyper, at::kFloat, num_segments * kNumHyper, "hyper");
-
-  const float inv_scale = value_or(inv_grad_scale, 1.f);
-  const float norm_sq = value_or(grad_sq_norm, 0.f);
-  const bool norm_bad = grad_sq_norm && !std::isfinite(norm_sq);
-  const bool skip = norm_bad || value_or(found_inf, 0.f) != 0.f;
+  const Buffers b = lamb_buffers(param, grad, update, exp_avg, exp_avg_sq, master, table, step, hyper);
+  const StepScalars k = step_scalars(grad_sq_norm, inv_grad_scale, found_inf);
   const float* h = hyper.const_data_ptr<float>();
-  float* steps = step.data_ptr<float>();
-  auto partials = at::empty({num_chunks, kNumStats}, at::TensorOptions().dtype(at::kFloat));
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "lamb_step_", [&] {
-    using pass1_t = void (*)(const Buffers&, const float*, const float*, const Chunks&, float, float, float*);
-    const pass1_t passes[2][2] = {{update_pass<scalar_t, false, false>, update_pass<scalar_t, false, true>},
-                                  {update_pass<scalar_t, true, false>, update_pass<scalar_t, true, true>}};
-    passes[master.has_value()][!skip](b, h, steps, table, inv_scale, std::sqrt(norm_sq),
-                                      partials.data_ptr<float>());
-  });
-  auto stats = reduce_chunks(partials, table);
-  trust_ratios(stats.data_ptr<float>(), h, num_segments);
-  if (skip) {
-    if (norm_bad && found_inf) found_inf->fill_(1.f);
-    return stats;
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "lamb_step_", [&] {
-    auto* run = master ? apply_pass<scalar_t, true> : apply_pass<scalar_t, false>;
-    run(b, h, stats.const_data_ptr<float>(), table);
-  });
-  for (int64_t j = 0; j < num_segments; ++j) steps[j] += h[j * kNumHyper + kActive] != 0.f ? 1.f : 0.f;
+  at::Tensor stats = run_update(b, master.has_value(), h, step.const_data_ptr<float>(), table, k);
+  run_apply(b, master.has_value(), h, step.data_ptr<float>(), table, k, stats, found_inf);
   return stats;
 }
 
@@ -283,6 +342,8 @@ at::Tensor segment_sq_norms_cpu(at::TensorList x_list, const at::Tensor& host_of
 
 TORCH_LIBRARY_IMPL(dynbatch_cpp, CPU, m) {
   m.impl("lamb_step_", lamb_step_cpu);
+  m.impl("lamb_update_", lamb_update_cpu);
+  m.impl("lamb_apply_", lamb_apply_cpu);
   m.impl("segment_sq_norms", segment_sq_norms_cpu);
 }
 

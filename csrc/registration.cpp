@@ -46,6 +46,13 @@ TORCH_LIBRARY(dynbatch_cpp, m) {
       "lamb_step_(Tensor(a!)[] param, Tensor[] grad, Tensor(b!)[] update, Tensor(c!)[] exp_avg, "
       "Tensor(d!)[] exp_avg_sq, Tensor(e!)[]? master, Tensor(f!) step, Tensor hyper, " DYNBATCH_TABLE
       ", Tensor? grad_sq_norm, Tensor? inv_grad_scale, Tensor(g!)? found_inf) -> Tensor");
+  m.def(
+      "lamb_update_(Tensor[] param, Tensor[] grad, Tensor(a!)[] update, Tensor(b!)[] exp_avg, "
+      "Tensor(c!)[] exp_avg_sq, Tensor[]? master, Tensor step, Tensor hyper, " DYNBATCH_TABLE
+      ", Tensor? grad_sq_norm, Tensor? inv_grad_scale, Tensor? found_inf) -> Tensor");
+  m.def(
+      "lamb_apply_(Tensor(a!)[] param, Tensor[] update, Tensor(b!)[]? master, Tensor(c!) step, Tensor hyper, "
+      "Tensor(d!) stats, " DYNBATCH_TABLE ", Tensor? grad_sq_norm, Tensor(e!)? found_inf) -> ()");
   m.def("segment_sq_norms(Tensor[] x, " DYNBATCH_TABLE ", Tensor? scale) -> Tensor");
   m.def(
       "extrapolate_(Tensor(a!)[] params, Tensor(b!)[] saved, Tensor(c!)[] direction, Tensor hyper, "

@@ -87,3 +87,49 @@ def lamb_step_(
         inv_grad_scale,
         found_inf,
     )
+
+
+def lamb_update_(
+    param: list[torch.Tensor],
+    grad: list[torch.Tensor],
+    update: list[torch.Tensor],
+    exp_avg: list[torch.Tensor],
+    exp_avg_sq: list[torch.Tensor],
+    master: list[torch.Tensor] | None,
+    step: torch.Tensor,
+    hyper: torch.Tensor,
+    chunks: ChunkTable,
+    grad_sq_norm: torch.Tensor | None,
+    inv_grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+) -> torch.Tensor:
+    return torch.ops.dynbatch_cpp.lamb_update_(
+        param,
+        grad,
+        update,
+        exp_avg,
+        exp_avg_sq,
+        master,
+        step,
+        hyper,
+        *_table(chunks),
+        grad_sq_norm,
+        inv_grad_scale,
+        found_inf,
+    )
+
+
+def lamb_apply_(
+    param: list[torch.Tensor],
+    update: list[torch.Tensor],
+    master: list[torch.Tensor] | None,
+    step: torch.Tensor,
+    hyper: torch.Tensor,
+    stats: torch.Tensor,
+    chunks: ChunkTable,
+    grad_sq_norm: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+) -> None:
+    torch.ops.dynbatch_cpp.lamb_apply_(
+        param, update, master, step, hyper, stats, *_table(chunks), grad_sq_norm, found_inf
+    )

@@ -20,13 +20,19 @@ from itertools import pairwise
 import torch
 
 from dynbatch_kernels.chunks import CHUNK_SIZE, ChunkTable
+from dynbatch_kernels.sharding import is_dtensor, local_tensor
 
 ParamsLike = Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | Iterable[dict]
 
 
 @dataclass
 class FlatBuffer:
-    """One (device, dtype) group: flat ``data`` and ``grad``, and the segment table over them."""
+    """One (device, dtype) group: flat ``data`` and ``grad``, and the segment table over them.
+
+    ``params[j]`` is the tensor segment ``j`` mirrors: the parameter itself, or for a DTensor parameter
+    (FSDP2) this rank's local shard of it; ``owners[j]`` is the parameter (its ``.grad`` and
+    ``requires_grad`` are read there).
+    """
 
     device: torch.device
     dtype: torch.dtype
@@ -36,13 +42,30 @@ class FlatBuffer:
     names: list[str]
     params: list[torch.Tensor]
     bounds: list[tuple[int, int]] = field(repr=False)
+    owners: list[torch.Tensor] = field(default=None, repr=False)
     #: The parameters' shapes when the buffer was built (their segments' views have these).
     shapes: list[torch.Size] = field(init=False, repr=False)
+    #: Whether ``params`` are DTensor parameters' local shards (``owners`` the parameters).
+    sharded: bool = field(init=False, repr=False)
     _views: dict[int, list[torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
     _starts: dict[tuple[int, int], list[int]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.shapes = [p.shape for p in self.params]
+        if self.owners is None:
+            self.owners = self.params
+        self.sharded = self.owners is not self.params
+
+    def grads(self) -> list[torch.Tensor | None]:
+        """Each segment's gradient: ``p.grad``, or the local shard of a DTensor parameter's."""
+        if not self.sharded:
+            return [p.grad for p in self.params]
+        return [None if o.grad is None else local_tensor(o.grad) for o in self.owners]
+
+    def refresh_shards(self) -> None:
+        """Point ``params`` at the DTensor parameters' local shards as they are now (``p.data = ...``)."""
+        if self.sharded:
+            self.params[:] = [local_tensor(o) for o in self.owners]
 
     @property
     def offsets(self) -> torch.Tensor:
@@ -82,7 +105,7 @@ class FlatBuffer:
 
     def grad_is_view(self, j: int) -> bool:
         """Whether ``.grad`` of parameter ``j`` is the view of segment ``j`` of (the current) ``grad``."""
-        return not self.outside(self.grad, [self.params[j].grad], [j])
+        return not self.outside(self.grad, [self.grads()[j]], [j])
 
     def outside(
         self, flat: torch.Tensor, tensors: list[torch.Tensor | None], segments: Iterable[int] | None = None
@@ -118,7 +141,7 @@ class FlatBuffer:
         one write; one multi-tensor copy for all of them); the segment of a ``None`` gradient is zeroed so
         no stale value reaches a kernel.
         """
-        grads = [p.grad for p in self.params]
+        grads = self.grads()
         outside = self.outside(self.grad, grads)
         if outside:
             views = self.segment_views(self.grad)
@@ -143,7 +166,7 @@ class FlatBuffer:
         A segment whose ``p.grad`` is None gets its view of ``grad`` (not read: such a segment is skipped);
         one whose ``p.grad`` is not contiguous gets the view holding a copy of it.
         """
-        grads = [p.grad for p in self.params]
+        grads = self.grads()
         if all(g is not None and g.is_contiguous() for g in grads):
             return grads, [True] * len(grads)
         views = self.segment_views(self.grad)
@@ -213,10 +236,11 @@ class FlatLayout:
         bind: rebind ``p.data`` / ``p.grad`` as views into the buffers (``False``: private copies, the
             user's tensors untouched).
 
-    Parameters that share storage, are sparse, complex, DTensors (FSDP2), not floating point, or not leaf
-    tensors are refused. With ``bind=True``, keeping the gradients as the installed views
-    (``zero_grad(set_to_none=False)`` or :meth:`zero_grad`) avoids a copy per step; :meth:`check_grads`
-    says which one is not.
+    Parameters that share storage, are sparse, complex, not floating point, or not leaf tensors are
+    refused; so are DTensors (FSDP2) with ``bind=True``. With ``bind=False`` a DTensor's segment mirrors
+    its local shard (see :class:`FlatBuffer`). With ``bind=True``, keeping the gradients as the installed
+    views (``zero_grad(set_to_none=False)`` or :meth:`zero_grad`) avoids a copy per step;
+    :meth:`check_grads` says which one is not.
     """
 
     def __init__(
@@ -227,15 +251,16 @@ class FlatLayout:
         pairs = named_params(params)
         if not pairs:
             raise ValueError("params: expected at least one parameter, got none")
-        check_params(pairs)
+        check_params(pairs, sharded=not bind)
         groups: dict[tuple[torch.device, torch.dtype], list[tuple[str, torch.Tensor]]] = {}
         for name, p in pairs:
-            groups.setdefault((p.device, p.dtype), []).append((name, p))
+            local = local_tensor(p)
+            groups.setdefault((local.device, local.dtype), []).append((name, p))
         self.buffers = [
             _flatten(device, dtype, members, align, chunk_size, bind)
             for (device, dtype), members in groups.items()
         ]
-        self._where = {id(p): (b, j) for b, buf in enumerate(self.buffers) for j, p in enumerate(buf.params)}
+        self._where = {id(p): (b, j) for b, buf in enumerate(self.buffers) for j, p in enumerate(buf.owners)}
 
     def __repr__(self) -> str:
         parts = ", ".join(
@@ -287,7 +312,7 @@ class FlatLayout:
         """Raise if any ``p.grad`` is not the view into the flat buffer (a diagnostic for the fast path:
         the ops themselves copy such gradients in, see :meth:`FlatBuffer.gather_grads`)."""
         for buf in self.buffers:
-            for j in buf.outside(buf.grad, [p.grad for p in buf.params])[:1]:
+            for j in buf.outside(buf.grad, buf.grads())[:1]:
                 state = "None" if buf.params[j].grad is None else "a separate tensor"
                 raise RuntimeError(
                     f"{buf.names[j]}: expected .grad to be the layout's flat-buffer view, got {state}"
@@ -304,28 +329,28 @@ def _copy(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
         torch._foreach_copy_(targets, sources)
 
 
-def check_params(pairs: list[tuple[str, torch.Tensor]]) -> None:
+def check_params(pairs: list[tuple[str, torch.Tensor]], *, sharded: bool = False) -> None:
     """Raise unless every ``(name, tensor)`` is a distinct dense real floating-point leaf tensor with storage
-    of its own (the errors name the parameter)."""
-    dtensor = sys.modules.get("torch.distributed.tensor")  # no DTensor exists unless it was imported
-    fsdp1 = sys.modules.get("torch.distributed.fsdp._flat_param")  # likewise FSDP1's FlatParameter
+    of its own (the errors name the parameter); ``sharded``: DTensors are accepted (their local shards
+    are checked)."""
+    fsdp1 = sys.modules.get("torch.distributed.fsdp._flat_param")  # no FSDP1 FlatParameter unless imported
     seen: dict[int, str] = {}
     storages: list[tuple[int, int, str]] = []
     for name, p in pairs:
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"{name}: expected a tensor, got {type(p).__name__}")
-        if dtensor is not None and isinstance(p, dtensor.DTensor):
+        if is_dtensor(p) and not sharded:
             raise TypeError(
-                f"{name}: DTensor (FSDP2 / tensor-parallel) parameters are not supported yet; sharded "
-                "support is planned. Flattening the local shards would compute every per-tensor norm "
-                "(LAMB's trust ratios, the angle statistics) over one shard only: silently wrong"
+                f"{name}: a DTensor (FSDP2) parameter cannot be bound to a flat buffer (bind=True) or "
+                "accumulated here yet: every per-tensor norm (the angle statistics) would cover one shard "
+                "only. FusedLAMB and ExtrapSGD step FSDP2 parameters (they sum the norms over the shards)"
             )
         if fsdp1 is not None and isinstance(p, fsdp1.FlatParameter):
             raise TypeError(
                 f"{name}: an FSDP1 FlatParameter (FullyShardedDataParallel) holds a shard of many layers in "
                 "one tensor: per-layer norms (LAMB's trust ratios, the angle statistics) cannot be taken "
-                "from it. Use FSDP2 (torch.distributed.fsdp.fully_shard), the path sharded support is "
-                "built for, or DDP"
+                "from it. Use FSDP2 (torch.distributed.fsdp.fully_shard), which FusedLAMB and ExtrapSGD "
+                "step exactly, or DDP"
             )
         if id(p) in seen:
             raise ValueError(f"{name}: the same tensor is listed twice (also as {seen[id(p)]})")
@@ -341,9 +366,10 @@ def check_params(pairs: list[tuple[str, torch.Tensor]]) -> None:
             raise TypeError(f"{name}: expected a floating-point parameter, got {p.dtype}")
         if not p.is_leaf:
             raise ValueError(f"{name}: expected a leaf tensor (a parameter), got a computed tensor")
-        if p.numel():
-            start = p.untyped_storage().data_ptr() + p.storage_offset() * p.element_size()
-            storages.append((start, start + p.numel() * p.element_size(), name))
+        local = local_tensor(p)
+        if local.numel():
+            start = local.untyped_storage().data_ptr() + local.storage_offset() * local.element_size()
+            storages.append((start, start + local.numel() * local.element_size(), name))
     storages.sort()
     for (_, end, first), (start, _, second) in pairwise(storages):
         if start < end:
@@ -358,6 +384,8 @@ def _flatten(
     chunk_size: int,
     bind: bool,
 ) -> FlatBuffer:
+    owners = [p for _, p in members]
+    members = [(name, local_tensor(p)) for name, p in members]
     bounds, offsets, cursor = [], [0], 0
     for _, p in members:
         bounds.append((cursor, cursor + p.numel()))
@@ -385,4 +413,5 @@ def _flatten(
         names=[name for name, _ in members],
         params=[p for _, p in members],
         bounds=bounds,
+        owners=None if all(o is p for o, (_, p) in zip(owners, members)) else owners,
     )

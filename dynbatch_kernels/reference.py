@@ -31,8 +31,11 @@ from dynbatch_kernels.columns import (
     LAMB_EPS,
     LAMB_LR,
     LAMB_MAX_GRAD_NORM,
+    LAMB_RATIO,
     LAMB_RATIO_MAX,
     LAMB_RATIO_MIN,
+    LAMB_U_SQ,
+    LAMB_W_SQ,
     LAMB_WEIGHT_DECAY,
 )
 
@@ -203,6 +206,125 @@ def segment_sq_norms(x: torch.Tensor, chunks: ChunkTable, scale: torch.Tensor | 
     return segment_sum(scaled * scaled, chunks.offsets).to(dtype)
 
 
+def _skipped(grad_sq_norm: torch.Tensor | None, found_inf: torch.Tensor | None, device) -> torch.Tensor:
+    """Whether the step is skipped (a 0-dim bool on the device): ``found_inf != 0`` or a non-finite norm."""
+    skipped = torch.zeros((), dtype=torch.bool, device=device)
+    if found_inf is not None:
+        skipped = skipped | (found_inf.reshape(()) != 0)
+    if grad_sq_norm is not None:
+        skipped = skipped | ~torch.isfinite(grad_sq_norm.double().reshape(()))
+    return skipped
+
+
+def _segment_of_elements(chunks: ChunkTable, device: torch.device) -> torch.Tensor:
+    segment = torch.arange(chunks.num_segments, device=device)
+    return torch.repeat_interleave(segment, chunks.offsets.diff(), output_size=chunks.num_elements)
+
+
+@compacted("update", "exp_avg", "exp_avg_sq")
+def lamb_update_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    update: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    master: torch.Tensor | None,
+    step: torch.Tensor,
+    hyper: torch.Tensor,
+    chunks: ChunkTable,
+    grad_sq_norm: torch.Tensor | None,
+    inv_grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+) -> torch.Tensor:
+    """Pass 1 of :func:`dynbatch_kernels.ops.lamb_step_` as whole-buffer tensor expressions: ``m, v`` and
+    ``u`` (into ``update``), and the ``[S, 4]`` statistics with the ratio column 0.
+
+    Per-segment coefficients are spread over their segment's elements one at a time (bounded memory);
+    ``torch.where`` keeps the buffers of a skipped step or an inactive segment bit-identical without
+    reading the skip decision on the host.
+    """
+    dtype = _compute_dtype(param)
+    h = hyper.double()  # per-segment coefficients in float64, elementwise math in dtype
+    t = step.double() + 1
+    correct = h[:, LAMB_BIAS_CORRECTION] != 0
+    inv_bc1 = torch.where(correct, 1 / (1 - h[:, LAMB_BETA1] ** t), 1.0)
+    inv_sqrt_bc2 = torch.where(correct, (1 - h[:, LAMB_BETA2] ** t).rsqrt(), 1.0)
+    s = torch.ones((), dtype=torch.float64, device=param.device)
+    if inv_grad_scale is not None:
+        s = inv_grad_scale.double().reshape(())
+    clip = torch.ones_like(t)
+    if grad_sq_norm is not None:
+        clip = (grad_sq_norm.double().reshape(()).sqrt() / h[:, LAMB_MAX_GRAD_NORM]).clamp(min=1.0)
+    active = h[:, LAMB_ACTIVE] != 0
+    write = active & ~_skipped(grad_sq_norm, found_inf, param.device)
+    coef = torch.stack(
+        [
+            s / clip,
+            h[:, LAMB_BETA1],
+            h[:, LAMB_BETA2],
+            inv_bc1,
+            inv_sqrt_bc2,
+            h[:, LAMB_EPS],
+            h[:, LAMB_WEIGHT_DECAY],
+        ],
+        dim=1,
+    )
+    # the segment of every element, expanded once; each coefficient is then one gather
+    segment = _segment_of_elements(chunks, param.device)
+    spread = lambda k: coef[:, k].to(dtype).index_select(0, segment)
+
+    w = (param if master is None else master).to(dtype)
+    g = grad.to(dtype)
+    g_sq = segment_sum((g * s.to(dtype)) ** 2, chunks.offsets)
+    g = g * spread(0)
+    beta1 = spread(1)
+    m = beta1 * exp_avg.to(dtype) + (1 - beta1) * g
+    beta2 = spread(2)
+    v = beta2 * exp_avg_sq.to(dtype) + (1 - beta2) * g * g
+    del g, beta1, beta2
+    u = m * spread(3) / (v.sqrt() * spread(4) + spread(5)) + spread(6) * w
+    sums = torch.stack([segment_sum(w * w, chunks.offsets), segment_sum(u * u, chunks.offsets), g_sq], dim=1)
+    sums = torch.where(active[:, None], sums, 0.0)  # inactive: 0, as the kernels
+    mask = write.index_select(0, segment)
+    for buf, value in ((exp_avg, m), (exp_avg_sq, v), (update, u)):
+        buf.copy_(torch.where(mask, value, buf))
+    return torch.cat([sums, torch.zeros_like(sums[:, :1])], dim=1).to(dtype)
+
+
+@compacted("param", "master")
+def lamb_apply_(
+    param: torch.Tensor,
+    update: torch.Tensor,
+    master: torch.Tensor | None,
+    step: torch.Tensor,
+    hyper: torch.Tensor,
+    stats: torch.Tensor,
+    chunks: ChunkTable,
+    grad_sq_norm: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+) -> None:
+    """Pass 2 of :func:`dynbatch_kernels.ops.lamb_step_`: the trust ratios from ``stats``' norms into its
+    ratio column, then ``w -= lr * r * u`` and ``step += 1`` unless skipped."""
+    dtype = _compute_dtype(param)
+    h = hyper.double()
+    w_sq, u_sq = stats[:, LAMB_W_SQ].double(), stats[:, LAMB_U_SQ].double()
+    adapt = (h[:, LAMB_ADAPT] != 0) & (w_sq > 0) & (u_sq > 0)
+    ratio = (w_sq.sqrt() / u_sq.sqrt()).clamp(h[:, LAMB_RATIO_MIN], h[:, LAMB_RATIO_MAX])
+    ratio = torch.where(adapt, ratio, 1.0)
+    stats[:, LAMB_RATIO] = ratio.to(stats.dtype)
+    write = (h[:, LAMB_ACTIVE] != 0) & ~_skipped(grad_sq_norm, found_inf, param.device)
+    segment = _segment_of_elements(chunks, param.device)
+    w = (param if master is None else master).to(dtype)
+    new_w = w - (h[:, LAMB_LR] * ratio).to(dtype).index_select(0, segment) * update.to(dtype)
+    mask = write.index_select(0, segment)
+    for buf in (param, master):
+        if buf is not None:
+            buf.copy_(torch.where(mask, new_w, buf))
+    step.add_(write.to(step.dtype))
+    if found_inf is not None and grad_sq_norm is not None:
+        found_inf.masked_fill_(~torch.isfinite(grad_sq_norm.reshape(())), 1.0)
+
+
 @compacted("param", "update", "exp_avg", "exp_avg_sq", "master")
 def lamb_step_(
     param: torch.Tensor,
@@ -218,72 +340,20 @@ def lamb_step_(
     inv_grad_scale: torch.Tensor | None,
     found_inf: torch.Tensor | None,
 ) -> torch.Tensor:
-    """:func:`dynbatch_kernels.ops.lamb_step_` as whole-buffer tensor expressions.
-
-    Per-segment coefficients are spread over their segment's elements one at a time (bounded memory);
-    ``torch.where`` keeps the buffers of a skipped step or an inactive segment bit-identical without
-    reading the skip decision on the host.
-    """
-    dtype = _compute_dtype(param)
-    h = hyper.double()  # per-segment coefficients in float64, elementwise math in dtype
-    t = step.double() + 1
-    correct = h[:, LAMB_BIAS_CORRECTION] != 0
-    inv_bc1 = torch.where(correct, 1 / (1 - h[:, LAMB_BETA1] ** t), 1.0)
-    inv_sqrt_bc2 = torch.where(correct, (1 - h[:, LAMB_BETA2] ** t).rsqrt(), 1.0)
-    s = torch.ones((), dtype=torch.float64, device=param.device)
-    if inv_grad_scale is not None:
-        s = inv_grad_scale.double().reshape(())
-    skipped = torch.zeros((), dtype=torch.bool, device=param.device)
-    clip = torch.ones_like(t)
-    if found_inf is not None:
-        skipped = skipped | (found_inf.reshape(()) != 0)
-    if grad_sq_norm is not None:
-        norm_sq = grad_sq_norm.double().reshape(())
-        skipped = skipped | ~torch.isfinite(norm_sq)
-        clip = (norm_sq.sqrt() / h[:, LAMB_MAX_GRAD_NORM]).clamp(min=1.0)
-    active = h[:, LAMB_ACTIVE] != 0
-    write = active & ~skipped
-    coef = torch.stack(
-        [
-            s / clip,
-            h[:, LAMB_BETA1],
-            h[:, LAMB_BETA2],
-            inv_bc1,
-            inv_sqrt_bc2,
-            h[:, LAMB_EPS],
-            h[:, LAMB_WEIGHT_DECAY],
-        ],
-        dim=1,
+    """:func:`dynbatch_kernels.ops.lamb_step_`: :func:`lamb_update_` then :func:`lamb_apply_`."""
+    stats = lamb_update_.__wrapped__(
+        param,
+        grad,
+        update,
+        exp_avg,
+        exp_avg_sq,
+        master,
+        step,
+        hyper,
+        chunks,
+        grad_sq_norm,
+        inv_grad_scale,
+        found_inf,
     )
-    # the segment of every element, expanded once; each coefficient is then one gather
-    segment = torch.arange(chunks.num_segments, device=param.device)
-    segment = torch.repeat_interleave(segment, chunks.offsets.diff(), output_size=chunks.num_elements)
-    spread = lambda k: coef[:, k].to(dtype).index_select(0, segment)
-
-    w = (param if master is None else master).to(dtype)
-    g = grad.to(dtype)
-    g_sq = segment_sum((g * s.to(dtype)) ** 2, chunks.offsets)
-    g = g * spread(0)
-    beta1 = spread(1)
-    m = beta1 * exp_avg.to(dtype) + (1 - beta1) * g
-    beta2 = spread(2)
-    v = beta2 * exp_avg_sq.to(dtype) + (1 - beta2) * g * g
-    del g, beta1, beta2
-    u = m * spread(3) / (v.sqrt() * spread(4) + spread(5)) + spread(6) * w
-    sums = torch.stack([segment_sum(w * w, chunks.offsets), segment_sum(u * u, chunks.offsets), g_sq], dim=1)
-    w_sq, u_sq, g_sq = torch.where(active[:, None], sums, 0.0).unbind(1)  # inactive: 0, as the kernels
-    adapt = (h[:, LAMB_ADAPT] != 0) & (w_sq > 0) & (u_sq > 0)
-    ratio = (w_sq.sqrt() / u_sq.sqrt()).clamp(h[:, LAMB_RATIO_MIN], h[:, LAMB_RATIO_MAX])
-    ratio = torch.where(adapt, ratio, 1.0)
-    stored_u = u.to(update.dtype).to(dtype)  # pass 2 applies u as held in the update buffer
-    new_w = w - (h[:, LAMB_LR] * ratio).to(dtype).index_select(0, segment) * stored_u
-    del stored_u, w
-
-    mask = write.index_select(0, segment)
-    for buf, value in ((exp_avg, m), (exp_avg_sq, v), (update, u), (param, new_w), (master, new_w)):
-        if buf is not None:
-            buf.copy_(torch.where(mask, value, buf))
-    step.add_(write.to(step.dtype))
-    if found_inf is not None and grad_sq_norm is not None:
-        found_inf.masked_fill_(~torch.isfinite(grad_sq_norm.reshape(())), 1.0)
-    return torch.stack([w_sq, u_sq, g_sq, ratio], dim=1).to(dtype)
+    lamb_apply_.__wrapped__(param, update, master, step, hyper, stats, chunks, grad_sq_norm, found_inf)
+    return stats

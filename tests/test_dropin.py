@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dynbatch_kernels import FlatLayout
+from dynbatch_kernels.batching import FixedPolicy, GradientAccumulator
 from dynbatch_kernels.optim import ExtrapSGD, FusedLAMB
 
 MAKERS = {
@@ -424,16 +425,35 @@ def test_hyper_parameters_are_checked_at_every_step(make, key, value):
 
 
 @pytest.mark.usefixtures("process_group")
-@pytest.mark.parametrize("make", [MAKERS["lamb"], MAKERS["extrap-local"]], ids=["lamb", "extrap"])
-def test_dtensor_and_complex_parameters_are_refused(make):
+@pytest.mark.parametrize("make", [MAKERS["lamb"], MAKERS["extrap-past"]], ids=["lamb", "extrap"])
+def test_dtensor_parameters_step_like_plain_ones(make):
+    """A one-rank mesh: the DTensor path (local shards, state as DTensors, the sums' all-reduce) gives the
+    plain tensors' step bit for bit. Several ranks: tests/test_fsdp2.py."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-    sharded = nn.Parameter(distribute_tensor(torch.randn(4, 4), init_device_mesh("cpu", (1,)), [Shard(0)]))
-    with pytest.raises(TypeError, match=r"DTensor.*sharded support is planned"):
-        make([sharded])
-    with pytest.raises(TypeError, match="complex parameters are not supported"):
-        make([nn.Parameter(torch.randn(3, dtype=torch.complex64))])
+    mesh = init_device_mesh("cpu", (1,))
+    plain = [nn.Parameter(torch.randn(5, 3)), nn.Parameter(torch.randn(7))]
+    sharded = [nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [Shard(0)])) for p in plain]
+    opts = make(plain), make(sharded)
+    for step in range(3):
+        for p, q in zip(plain, sharded):
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step))
+            q.grad = distribute_tensor(p.grad.clone(), mesh, [Shard(0)])
+        for opt in opts:
+            opt.step()
+    for p, q in zip(plain, sharded):
+        assert torch.equal(p.detach(), q.to_local().detach())
+        state = opts[1].state[q]
+        assert all(isinstance(v, DTensor) for k, v in state.items() if k != "step")
+    with pytest.raises(TypeError, match=r"DTensor \(FSDP2\) parameters are not supported by the gradient"):
+        GradientAccumulator(opts[1], FixedPolicy(4))
+
+
+def test_complex_parameters_are_refused():
+    for make in (MAKERS["lamb"], MAKERS["extrap-local"]):
+        with pytest.raises(TypeError, match="complex parameters are not supported"):
+            make([nn.Parameter(torch.randn(3, dtype=torch.complex64))])
 
 
 @every_optimizer

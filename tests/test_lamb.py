@@ -1,4 +1,5 @@
-"""ops.lamb_step_, ops.segment_sq_norms and ops.lamb_grad_sq_norm on every backend against float64."""
+"""ops.lamb_step_ (and its two halves, lamb_update_ and lamb_apply_), ops.segment_sq_norms and
+ops.lamb_grad_sq_norm on every backend against float64."""
 
 from __future__ import annotations
 
@@ -201,6 +202,59 @@ def test_segment_sq_norms(backend, dtype):
     expected = reference.segment_sum((x.double() * 0.25) ** 2, offsets)
     assert out.dtype == torch.float32 and out.shape == (40,)
     torch.testing.assert_close(out.cpu().double(), expected, rtol=RTOL[dtype], atol=0)
+
+
+@pytest.mark.parametrize("backend", backend_cases(), indirect=True)
+@pytest.mark.parametrize(("dtype", "master"), STORAGE, ids=["f32", "bf16-master", "f16-master", "bf16"])
+@pytest.mark.parametrize("skip", [None, "found_inf", "nan_norm"])
+def test_update_then_apply_is_the_step_bit_for_bit(backend, dtype, master, skip):
+    """lamb_update_ and lamb_apply_ (the sharded optimizers' two calls) give lamb_step_'s every output."""
+    gen = torch.Generator().manual_seed(11)
+    offsets = random_offsets(13, 60, gen)
+    table = ChunkTable.from_offsets(offsets, device=backend, chunk_size=32)
+    whole = make_case(backend, offsets, dtype, master, gen)
+    split = {k: None if v is None else v.clone() for k, v in whole.items()}
+    norm = torch.tensor([float("nan") if skip == "nan_norm" else 4.0], device=backend)
+    scalars = lambda: {
+        "grad_sq_norm": norm,
+        "found_inf": torch.tensor([float(skip == "found_inf")], device=backend),
+    }
+    whole_scalars, split_scalars = scalars(), scalars()
+    expected = run_op(whole, table, **whole_scalars)
+    stats = ops.lamb_update_(
+        *(split[k] for k in ("param", "grad", "exp_avg", "exp_avg_sq")),
+        table.offsets,
+        **{k: split[k] for k in ("hyper", "step", "master", "inv_grad_scale")},
+        chunks=table,
+        **split_scalars,
+    )
+    assert not stats[:, ops.LAMB_RATIO].any()
+    ops.lamb_apply_(
+        split["param"],
+        split["grad"],
+        table.offsets,
+        **{k: split[k] for k in ("hyper", "step", "master")},
+        stats=stats,
+        chunks=table,
+        **split_scalars,
+    )
+    torch.testing.assert_close(stats, expected, rtol=0, atol=0, equal_nan=True)  # NaN: the skipped norm
+    for key, value in whole.items():
+        assert value is None or torch.equal(split[key], value), key
+    assert torch.equal(split_scalars["found_inf"], whole_scalars["found_inf"])
+
+
+def test_apply_checks_the_stats_table():
+    param, update = torch.zeros(20), torch.zeros(20)
+    args = dict(hyper=torch.tensor([ops.lamb_hyper_row(lr=0.1)] * 2), step=torch.zeros(2))
+    offsets = torch.tensor([0, 4, 20])
+    for stats, error in (
+        (torch.zeros(2, 3), ValueError),
+        (torch.zeros(2, 4, dtype=torch.float64), TypeError),
+    ):
+        with pytest.raises(error, match="stats"):
+            ops.lamb_apply_(param, update, offsets, stats=stats, **args)
+    assert not param.any()
 
 
 def test_compiles_without_graph_break():

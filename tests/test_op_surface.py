@@ -56,6 +56,19 @@ def op_cases(device: str = "cpu") -> dict[str, tuple]:
             ),
             *(*args, scalar(4.0), scalar(0.5), scalar(0.0)),
         ),
+        "lamb_update_": (
+            *(flat(torch.bfloat16), per_segment(torch.bfloat16), flat(torch.bfloat16), m, v, flat()),
+            *(steps, lamb, *args, scalar(4.0), scalar(0.5), scalar(0.0)),
+        ),
+        "lamb_apply_": (
+            *(flat(torch.bfloat16), per_segment(torch.bfloat16), flat(), steps, lamb),
+            *(
+                torch.rand(segments, ops.NUM_LAMB_STATS, generator=gen).to(device),
+                *args,
+                scalar(4.0),
+                scalar(0.0),
+            ),
+        ),
     }
 
 

@@ -68,6 +68,7 @@ from dynbatch_kernels.batching.grads import Index, StepBuffers
 from dynbatch_kernels.batching.lr_rules import LRRule, scaled_lrs
 from dynbatch_kernels.batching.policies import BatchPolicy, Observation, StepSummary, column_sums, sums_angle
 from dynbatch_kernels.layout import FlatLayout
+from dynbatch_kernels.sharding import is_dtensor
 
 logger = logging.getLogger(__name__)
 
@@ -407,9 +408,15 @@ class GradientAccumulator:
     def _rebuild(self, layout: FlatLayout | None) -> None:
         """New buffers over ``layout`` (None: a private layout over the optimizer's groups), carrying the
         current step over from the old ones."""
+        groups = self.optimizer.param_groups
+        if any(is_dtensor(p) for group in groups for p in group["params"]):
+            raise TypeError(
+                "optimizer: DTensor (FSDP2) parameters are not supported by the gradient accumulator yet: "
+                "its angle and variance sums would cover this rank's shard of each tensor only. FusedLAMB "
+                "and ExtrapSGD step FSDP2 parameters on their own"
+            )
         if self._pending is not None:
             self._resolve()
-        groups = self.optimizer.param_groups
         self._layout = layout  # the optimizer's layout followed, or None
         self._num_groups = len(groups)
         if layout is None:

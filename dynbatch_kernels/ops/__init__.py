@@ -43,7 +43,14 @@ from dynbatch_kernels.columns import (
 )
 from dynbatch_kernels.ops.accumulate import accumulate_
 from dynbatch_kernels.ops.extrap import extrap_hyper_row, extrap_step_, extrapolate_
-from dynbatch_kernels.ops.lamb import lamb_grad_sq_norm, lamb_hyper_row, lamb_step_, segment_sq_norms
+from dynbatch_kernels.ops.lamb import (
+    lamb_apply_,
+    lamb_grad_sq_norm,
+    lamb_hyper_row,
+    lamb_step_,
+    lamb_update_,
+    segment_sq_norms,
+)
 from dynbatch_kernels.ops.registry import fused_op
 
 __all__ = [
@@ -81,8 +88,10 @@ __all__ = [
     "extrap_step_",
     "extrapolate_",
     "fused_op",
+    "lamb_apply_",
     "lamb_grad_sq_norm",
     "lamb_hyper_row",
     "lamb_step_",
+    "lamb_update_",
     "segment_sq_norms",
 ]

@@ -1,4 +1,5 @@
-"""LAMB / LAMBC: ``lamb_step_`` (the two-pass step), and ``segment_sq_norms`` with ``lamb_grad_sq_norm``
+"""LAMB / LAMBC: ``lamb_step_`` (the two-pass step; ``lamb_update_`` and ``lamb_apply_`` are its passes
+as two calls, for tensors split across processes), and ``segment_sq_norms`` with ``lamb_grad_sq_norm``
 (pass 0: the global gradient norm for clipping)."""
 
 from __future__ import annotations
@@ -193,38 +194,10 @@ def lamb_step_(
         clipping) and ``LAMB_RATIO`` (the ``r_j`` applied; 1 for inactive segments). When the step is
         skipped they describe the update that was not applied.
     """
-    param_op = as_operand("param", param, GRAD_DTYPES)
-    dtype = param_op[0].dtype if param_op else torch.float32
-    named = [
-        ("param", param, param_op),
-        ("grad", grad, as_operand("grad", grad, (dtype,))),
-        ("exp_avg", exp_avg, as_operand("exp_avg", exp_avg, (torch.float32,))),
-        ("exp_avg_sq", exp_avg_sq, as_operand("exp_avg_sq", exp_avg_sq, (torch.float32,))),
-    ]
-    if master is not None:
-        if dtype == torch.float32:
-            raise ValueError(
-                "master: expected None for float32 param (master weights are for bfloat16/float16)"
-            )
-        named.append(("master", master, as_operand("master", master, (torch.float32,))))
-    if update is not None:
-        named.append(("update", update, as_operand("update", update, (dtype,))))
-    check_disjoint(*((name, given) for name, given, _ in named))
-    table = table_for(offsets, named, chunks)
-    ops = {name: op for name, _, op in named}
-    check_hyper("hyper", hyper, table.num_segments, NUM_LAMB_HYPER, table.offsets)
-    check_flat("step", step, (torch.float32,))
-    if step.numel() != table.num_segments or step.device != table.offsets.device:
-        raise ValueError(
-            f"step: expected {table.num_segments} counts (one per segment) on {table.offsets.device}, "
-            f"got {step.numel()} on {step.device}"
-        )
-    for name, scalar in (
-        ("grad_sq_norm", grad_sq_norm),
-        ("inv_grad_scale", inv_grad_scale),
-        ("found_inf", found_inf),
-    ):
-        check_device_scalar(name, scalar, table.offsets)
+    ops, table = _pass1_operands(
+        param, grad, exp_avg, exp_avg_sq, offsets, hyper, step, master, update, chunks
+    )
+    _check_scalars(table, grad_sq_norm=grad_sq_norm, inv_grad_scale=inv_grad_scale, found_inf=found_inf)
     return _lamb_step_op(
         ops["param"],
         ops["grad"],
@@ -239,6 +212,156 @@ def lamb_step_(
         inv_grad_scale,
         found_inf,
     )
+
+
+@shared_arg_docs
+def lamb_update_(
+    param: Operand,
+    grad: Operand,
+    exp_avg: Operand,
+    exp_avg_sq: Operand,
+    offsets: torch.Tensor | None,
+    *,
+    hyper: torch.Tensor,
+    step: torch.Tensor,
+    master: Operand | None = None,
+    update: Operand | None = None,
+    grad_sq_norm: torch.Tensor | None = None,
+    inv_grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    chunks: ChunkTable | None = None,
+) -> torch.Tensor:
+    """Pass 1 of :func:`lamb_step_` alone: ``m, v`` and ``u`` (into ``update``, or ``grad`` when None),
+    unless skipped; ``param``, ``master`` and ``step`` are only read.
+
+    For tensors split across processes (FSDP2 shards, ZeRO partitions): sum the returned norms over the
+    shards of each tensor (one all-reduce of the ``[S, 4]`` table), then call :func:`lamb_apply_` with the
+    sums, which takes the trust ratios from them. ``lamb_update_`` then ``lamb_apply_`` on the same
+    arguments is :func:`lamb_step_`, bit for bit.
+
+    Args:
+        param, grad, exp_avg, exp_avg_sq, hyper, step, master, update, grad_sq_norm, inv_grad_scale,
+            found_inf: as for :func:`lamb_step_`.
+        offsets: {offsets}
+        chunks: {chunks}
+
+    Returns:
+        float32 ``[S, 4]``: ``|w|^2, |u|^2, |s*g|^2`` of this call's elements per segment (0 for inactive
+        segments) and a ratio column of zeros.
+    """
+    ops, table = _pass1_operands(
+        param, grad, exp_avg, exp_avg_sq, offsets, hyper, step, master, update, chunks
+    )
+    _check_scalars(table, grad_sq_norm=grad_sq_norm, inv_grad_scale=inv_grad_scale, found_inf=found_inf)
+    return _lamb_update_op(
+        ops["param"],
+        ops["grad"],
+        ops.get("update", []),
+        ops["exp_avg"],
+        ops["exp_avg_sq"],
+        ops.get("master", []),
+        step,
+        hyper,
+        *table.op_args(),
+        grad_sq_norm,
+        inv_grad_scale,
+        found_inf,
+    )
+
+
+@shared_arg_docs
+def lamb_apply_(
+    param: Operand,
+    update: Operand,
+    offsets: torch.Tensor | None,
+    *,
+    hyper: torch.Tensor,
+    step: torch.Tensor,
+    stats: torch.Tensor,
+    master: Operand | None = None,
+    grad_sq_norm: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    chunks: ChunkTable | None = None,
+) -> None:
+    """Pass 2 of :func:`lamb_step_` alone: ``r_j`` from ``stats``' ``|w|^2, |u|^2`` columns into its
+    ratio column, then (unless skipped) ``w <- w - lr * r_j * u`` and ``step[j] += 1``.
+
+    Args:
+        param, hyper, step, master, grad_sq_norm, found_inf: as for :func:`lamb_step_` (the same values
+            as in the :func:`lamb_update_` call before: they decide the skip again).
+        update: where :func:`lamb_update_` wrote ``u`` (its ``update``, or its ``grad``).
+        offsets: {offsets}
+        stats: float32 ``[S, 4]`` from :func:`lamb_update_` (norms summed over shards where the tensors
+            are split); its ratio column is written.
+        chunks: {chunks}
+    """
+    param_op = as_operand("param", param, GRAD_DTYPES)
+    dtype = param_op[0].dtype if param_op else torch.float32
+    named = [("param", param, param_op), ("update", update, as_operand("update", update, (dtype,)))]
+    named += _master_operand(master, dtype)
+    check_disjoint(*((name, given) for name, given, _ in named))
+    table = table_for(offsets, named, chunks)
+    ops = {name: op for name, _, op in named}
+    _check_tables(table, hyper, step)
+    check_hyper("stats", stats, table.num_segments, NUM_LAMB_STATS, table.offsets)
+    _check_scalars(table, grad_sq_norm=grad_sq_norm, found_inf=found_inf)
+    _lamb_apply_op(
+        ops["param"],
+        ops["update"],
+        ops.get("master", []),
+        step,
+        hyper,
+        stats,
+        *table.op_args(),
+        grad_sq_norm,
+        found_inf,
+    )
+
+
+def _master_operand(
+    master: Operand | None, dtype: torch.dtype
+) -> list[tuple[str, Operand, list[torch.Tensor]]]:
+    if master is None:
+        return []
+    if dtype == torch.float32:
+        raise ValueError("master: expected None for float32 param (master weights are for bfloat16/float16)")
+    return [("master", master, as_operand("master", master, (torch.float32,)))]
+
+
+def _pass1_operands(
+    param, grad, exp_avg, exp_avg_sq, offsets, hyper, step, master, update, chunks
+) -> tuple[dict[str, list[torch.Tensor]], ChunkTable]:
+    """The checked operands of pass 1 (by name) and their chunk table."""
+    param_op = as_operand("param", param, GRAD_DTYPES)
+    dtype = param_op[0].dtype if param_op else torch.float32
+    named = [
+        ("param", param, param_op),
+        ("grad", grad, as_operand("grad", grad, (dtype,))),
+        ("exp_avg", exp_avg, as_operand("exp_avg", exp_avg, (torch.float32,))),
+        ("exp_avg_sq", exp_avg_sq, as_operand("exp_avg_sq", exp_avg_sq, (torch.float32,))),
+    ]
+    named += _master_operand(master, dtype)
+    if update is not None:
+        named.append(("update", update, as_operand("update", update, (dtype,))))
+    check_disjoint(*((name, given) for name, given, _ in named))
+    table = table_for(offsets, named, chunks)
+    _check_tables(table, hyper, step)
+    return {name: op for name, _, op in named}, table
+
+
+def _check_tables(table: ChunkTable, hyper: torch.Tensor, step: torch.Tensor) -> None:
+    check_hyper("hyper", hyper, table.num_segments, NUM_LAMB_HYPER, table.offsets)
+    check_flat("step", step, (torch.float32,))
+    if step.numel() != table.num_segments or step.device != table.offsets.device:
+        raise ValueError(
+            f"step: expected {table.num_segments} counts (one per segment) on {table.offsets.device}, "
+            f"got {step.numel()} on {step.device}"
+        )
+
+
+def _check_scalars(table: ChunkTable, **scalars: torch.Tensor | None) -> None:
+    for name, scalar in scalars.items():
+        check_device_scalar(name, scalar, table.offsets)
 
 
 @fused_op("segment_sq_norms", mutates_args=())
@@ -294,3 +417,62 @@ def _lamb_step_op(
 @_lamb_step_op.register_fake
 def _(param, grad, update, exp_avg, exp_avg_sq, master, step, hyper, table, *rest):
     return table[0].new_empty(table[0].shape[0] - 1, NUM_LAMB_STATS, dtype=torch.float32)
+
+
+@fused_op("lamb_update_", mutates_args=("grad", "update", "exp_avg", "exp_avg_sq"))
+def _lamb_update_op(
+    param: list[torch.Tensor],
+    grad: list[torch.Tensor],
+    update: list[torch.Tensor],
+    exp_avg: list[torch.Tensor],
+    exp_avg_sq: list[torch.Tensor],
+    master: list[torch.Tensor],
+    step: torch.Tensor,
+    hyper: torch.Tensor,
+    table: list[torch.Tensor],
+    sizes: list[int],
+    grad_sq_norm: torch.Tensor | None,
+    inv_grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+) -> torch.Tensor:
+    """``update`` and ``master`` are empty lists when absent (``u`` then goes into ``grad``)."""
+    chunks = ChunkTable.from_op_args(table, sizes)
+    return backend_module(chunks.offsets.device).lamb_update_(
+        param,
+        grad,
+        update or grad,
+        exp_avg,
+        exp_avg_sq,
+        master or None,
+        step,
+        hyper,
+        chunks,
+        grad_sq_norm,
+        inv_grad_scale,
+        found_inf,
+    )
+
+
+@_lamb_update_op.register_fake
+def _(param, grad, update, exp_avg, exp_avg_sq, master, step, hyper, table, *rest):
+    return table[0].new_empty(table[0].shape[0] - 1, NUM_LAMB_STATS, dtype=torch.float32)
+
+
+@fused_op("lamb_apply_", mutates_args=("param", "master", "step", "stats", "found_inf"))
+def _lamb_apply_op(
+    param: list[torch.Tensor],
+    update: list[torch.Tensor],
+    master: list[torch.Tensor],
+    step: torch.Tensor,
+    hyper: torch.Tensor,
+    stats: torch.Tensor,
+    table: list[torch.Tensor],
+    sizes: list[int],
+    grad_sq_norm: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+) -> None:
+    """``master`` is an empty list when absent."""
+    chunks = ChunkTable.from_op_args(table, sizes)
+    backend_module(chunks.offsets.device).lamb_apply_(
+        param, update, master or None, step, hyper, stats, chunks, grad_sq_norm, found_inf
+    )

@@ -69,6 +69,7 @@ import torch
 
 from dynbatch_kernels.checks import GRAD_DTYPES
 from dynbatch_kernels.layout import FlatBuffer, FlatLayout, check_params
+from dynbatch_kernels.sharding import Sharding, is_dtensor
 
 #: The state entry holding the float32 master copy of a bfloat16/float16 parameter.
 MASTER = "master_param"
@@ -229,7 +230,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                 copies.append((target[key], value))
         with torch.no_grad():
             for target, value in copies:
-                target.copy_(value.reshape(target.shape))
+                _copy_state(target, value)
         for group, saved in zip(self.param_groups, saved_groups):
             for key, default in self.defaults.items():
                 saved.setdefault(key, default)
@@ -285,7 +286,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             else:
                 st.grads, present = st.buffer.grad, st.buffer.gather_grads()
             # -1 (not optimized, no gradient, or requires_grad=False) picks the last row: hyper_row(None)
-            steps = [has and p.requires_grad for has, p in zip(present, st.buffer.params)]
+            steps = [has and p.requires_grad for has, p in zip(present, st.buffer.owners)]
             st.index = tuple(g if on else -1 for g, on in zip(st.groups, steps))
             self._negate_maximized(st)
             if (key_rows, st.index) == st.key:
@@ -307,7 +308,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         for st in self.flat_states:
             if not st.in_place:
                 st.buffer.scatter_data()
-            st.marks = _marks(st.buffer.params)
+            st.marks = _marks(st.buffer)
 
     @torch.no_grad()
     def _negate_maximized(self, st: FlatState) -> None:
@@ -356,7 +357,7 @@ class FlatOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _moved(st: FlatState) -> list[int]:
         """Segments whose parameter changed outside the optimizer since its last write."""
-        now = _marks(st.buffer.params)
+        now = _marks(st.buffer)
         if now == st.marks:
             return []
         return [j for j, (mark, left) in enumerate(zip(now, st.marks)) if mark != left]
@@ -377,6 +378,8 @@ class FlatOptimizer(torch.optim.Optimizer):
 
     def _init_flat(self) -> None:
         self.flat_states: list[FlatState] = []
+        #: How the parameters are split when they are DTensors (FSDP2), else None.
+        self.sharding: Sharding | None = None
         self._loaded = False
         self._built = False
 
@@ -398,7 +401,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                 "own its layout (it follows such changes)"
             )
         self._layout = None
-        self._build(recast={id(buf.params[j]) for buf, j in recast})
+        self._build(recast={id(buf.owners[j]) for buf, j in recast})
         return [self._moved(st) for st in self.flat_states]
 
     def _build(self, recast: frozenset[int] | set[int] = frozenset()) -> None:
@@ -407,13 +410,14 @@ class FlatOptimizer(torch.optim.Optimizer):
         parameters whose ids are in ``recast`` changed device or dtype: not an outside change."""
         # a group may list a tensor twice (torch warns, in add_param_group): it is one segment
         params = list({id(p): p for group in self.param_groups for p in group["params"]}.values())
-        check_params([(f"params[{i}]", p) for i, p in enumerate(params)])
+        check_params([(f"params[{i}]", p) for i, p in enumerate(params)], sharded=True)
+        self.sharding = Sharding.of([(f"params[{i}]", p) for i, p in enumerate(params)])
         for p in params:
             if p.dtype not in GRAD_DTYPES:
                 names = ", ".join(str(d) for d in GRAD_DTYPES)
                 raise TypeError(f"params: expected parameters of dtype in ({names}), got {p.dtype}")
         previous = {p: dict(self.state[p]) for p in params if p in self.state}
-        left = {id(p): mark for st in self.flat_states for p, mark in zip(st.buffer.params, st.marks)}
+        left = {id(p): mark for st in self.flat_states for p, mark in zip(st.buffer.owners, st.marks)}
         layout = self._layout
         missing = [p for p in params if layout is None or layout.find(p) is None]
         if missing and not self._owns_layout:
@@ -431,19 +435,19 @@ class FlatOptimizer(torch.optim.Optimizer):
         self._layout = layout
         self.flat_states = [self._new_state(buf, group_of) for buf in layout.buffers]
         for st in self.flat_states:
-            for j, (p, (lo, hi)) in enumerate(zip(st.buffer.params, st.buffer.bounds)):
+            for j, (p, (lo, hi)) in enumerate(zip(st.buffer.owners, st.buffer.bounds)):
                 if id(p) in group_of:
-                    views = {key: flat[lo:hi].view_as(p) for key, flat in st.tensors.items()}
+                    views = {key: _state_view(flat[lo:hi], st.buffer, j) for key, flat in st.tensors.items()}
                     self.state[p] = {"step": st.step[j], **views}
         with torch.no_grad():
             for p, old in previous.items():
                 new = self.state[p]
                 if all(value.numel() == new[key].numel() for key, value in old.items() if key in new):
                     for key in old.keys() & new.keys():
-                        new[key].copy_(old[key].reshape(new[key].shape))
+                        _copy_state(new[key], old[key])
         for st in self.flat_states:
-            now = _marks(st.buffer.params)
-            st.marks = [m if id(p) in recast else left.get(id(p), m) for p, m in zip(st.buffer.params, now)]
+            now = _marks(st.buffer)
+            st.marks = [m if id(p) in recast else left.get(id(p), m) for p, m in zip(st.buffer.owners, now)]
 
     def _new_state(self, buf: FlatBuffer, group_of: dict[int, int]) -> FlatState:
         n, device = buf.data.numel(), buf.device
@@ -457,13 +461,31 @@ class FlatOptimizer(torch.optim.Optimizer):
             buffer=buf,
             tensors=tensors,
             step=torch.zeros(buf.num_segments, dtype=torch.float32, device=device),
-            groups=[group_of.get(id(p), -1) for p in buf.params],
+            groups=[group_of.get(id(p), -1) for p in buf.owners],
         )
 
 
-def _marks(params: list[torch.Tensor]) -> list[tuple[int, int]]:
-    """What changes when anyone but the optimizer writes a parameter (except in place through ``p.data``)."""
-    return [(p.data_ptr(), p._version) for p in params]
+def _marks(buf: FlatBuffer) -> list[tuple[int, int]]:
+    """What changes when anyone but the optimizer writes a parameter (except in place through ``p.data``);
+    of a DTensor parameter, its local shard as it is now."""
+    buf.refresh_shards()
+    return [(p.data_ptr(), p._version) for p in buf.params]
+
+
+def _state_view(flat: torch.Tensor, buf: FlatBuffer, j: int) -> torch.Tensor:
+    """Segment ``j`` of a flat state tensor as ``optimizer.state`` shows it: in the parameter's shape, a
+    DTensor like the parameter when that is one (its local part being the segment)."""
+    view = flat.view(buf.shapes[j])
+    return Sharding.state_view(view, buf.owners[j]) if buf.sharded else view
+
+
+def _copy_state(target: torch.Tensor, value: torch.Tensor) -> None:
+    """``target <- value`` for one state entry: a whole tensor into a DTensor's local part is split as the
+    DTensor is; a DTensor into a DTensor is copied (resharded) by DTensor."""
+    if is_dtensor(target) and not is_dtensor(value):
+        target._local_tensor.copy_(Sharding.local_piece(value.reshape(target.shape), target))
+    else:
+        target.copy_(value.reshape(target.shape))
 
 
 def _default_names(g: int, group: dict[str, Any]) -> list[str]:

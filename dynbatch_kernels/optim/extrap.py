@@ -97,7 +97,9 @@ class ExtrapSGD(FlatOptimizer):
     ``p.grad`` set to ``None``); past mode leaves the model at ``u`` between steps; parameters with
     ``requires_grad=False`` are left untouched even with a ``.grad``; the state tensors are views into flat
     buffers; there are no ``foreach`` / ``fused`` / ``capturable`` / ``differentiable`` / ``dampening``
-    options; DTensor (FSDP2) and complex parameters are refused. There are no float32 master weights (the
+    options; complex parameters are refused. FSDP2 (DTensor) parameters are stepped on their local shards,
+    the state sharded like them (see :class:`~dynbatch_kernels.optim.FusedLAMB`). There are no float32
+    master weights (the
     iterate is kept in the parameter's dtype: bfloat16 parameters lose updates below their precision), and
     GradScaler takes its ordinary path (it unscales ``p.grad`` in place and skips ``step()`` on overflow),
     which fits past mode; local mode's first gradient would not be unscaled, so use it without GradScaler.
@@ -169,7 +171,7 @@ class ExtrapSGD(FlatOptimizer):
                 chunks=buf.chunks,
             )
             _copy_segments(st.tensors["iterate"], st.params, buf, _skipped(st))  # not moved: u = w
-            for j, p in enumerate(buf.params):  # cleared unless the op zeroed p.grad itself (a bound view)
+            for j, p in enumerate(buf.owners):  # cleared unless the op zeroed p.grad itself (a bound view)
                 if st.groups[j] >= 0 and (st.in_place or not buf.grad_is_view(j)):
                     p.grad = None
         self._extrapolated = True
@@ -323,7 +325,7 @@ class ExtrapSGD(FlatOptimizer):
 
 def _updated(st: FlatState) -> list[int]:
     """Segments the optimizer updates: its parameters that require a gradient."""
-    return [j for j, (g, p) in enumerate(zip(st.groups, st.buffer.params)) if g >= 0 and p.requires_grad]
+    return [j for j, (g, p) in enumerate(zip(st.groups, st.buffer.owners)) if g >= 0 and p.requires_grad]
 
 
 def _skipped(st: FlatState) -> list[int]:

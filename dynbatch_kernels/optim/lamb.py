@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from dynbatch_kernels import ops
 from dynbatch_kernels.layout import FlatLayout
-from dynbatch_kernels.optim.base import FlatOptimizer, check_real
+from dynbatch_kernels.optim.base import FlatOptimizer, FlatState, check_real
 
 
 class FusedLAMB(FlatOptimizer):
@@ -54,6 +54,15 @@ class FusedLAMB(FlatOptimizer):
             grad_norm_group=group)``), ``max_grad_norm`` clips by the norm over every part: ``|g|^2`` is
             summed over the group (one all-reduce of one float per step, on the device). Trust ratios need
             nothing: each tensor is whole on one rank. Not carried by pickling or ``copy.deepcopy``.
+            Not needed (and refused) with FSDP2 parameters, whose sums go over their mesh by themselves.
+
+    FSDP2 (``fully_shard``: DTensor parameters, every one on one mesh, sharded along one mesh dimension):
+    each rank steps its local shards where FSDP2 keeps them, with the state sharded the same way
+    (``state[p]`` holds DTensors like ``p``, which ``torch.distributed.checkpoint`` saves and reshards).
+    The step is :func:`~dynbatch_kernels.ops.lamb_update_` on every buffer, one all-reduce of the
+    ``[S, 3]`` partial ``|w|^2, |u|^2, |g|^2`` over the shard group, then
+    :func:`~dynbatch_kernels.ops.lamb_apply_` with the whole tensors' ratios: the same step as one process
+    holding whole tensors; ``max_grad_norm`` sums ``|g|^2`` over the shards likewise.
 
     State per parameter (views into flat buffers; ``state_dict()["state"][i]``): ``"step"`` (float32
     scalar), ``"exp_avg"`` and ``"exp_avg_sq"`` (float32, the parameter's shape), and ``"master_param"``
@@ -83,7 +92,7 @@ class FusedLAMB(FlatOptimizer):
     through ``p.data`` (which torch does not version) needs :meth:`sync_master_weights`; the state tensors
     are views into flat buffers and ``load_state_dict`` copies values without casting; there are no
     ``foreach`` / ``fused`` / ``capturable`` / ``differentiable`` options (one fused pass per buffer; ``lr``
-    is a float or a CPU scalar tensor); DTensor (FSDP2) and complex parameters are refused.
+    is a float or a CPU scalar tensor); complex parameters and FSDP1's flat parameters are refused.
 
     The trust ratio comes from float32 partial sums added per segment in float64. Pass 1 writes the update
     ``u`` into the flat gradient buffer (pass 2 reads it from there; for bfloat16 gradients ``u`` is held
@@ -150,6 +159,11 @@ class FusedLAMB(FlatOptimizer):
                 partitioned), already known from an earlier reduction:
                 replaces the read-only pass that ``max_grad_norm`` needs otherwise (one-element float32).
         """
+        if self.grad_norm_group is not None and self.sharding is not None:
+            raise ValueError(
+                "grad_norm_group: expected None with DTensor (FSDP2) parameters, whose norms are summed over "
+                "their device mesh"
+            )
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -170,29 +184,42 @@ class FusedLAMB(FlatOptimizer):
             grad_sq_norm = sum(norm.to(norms[0].device) for norm in norms[1:]) + norms[0]
             if self.grad_norm_group is not None:  # this rank's part of the model: sum over the parts
                 dist.all_reduce(grad_sq_norm, group=self.grad_norm_group)
+            elif self.sharding is not None:  # this rank's shards: sum over the shards
+                self.sharding.sum_scalar(grad_sq_norm)
         self.last_grad_sq_norm = grad_sq_norm
-        self.last_stats = []
-        for st in states:
-            buf, (inv_grad_scale, found_inf) = st.buffer, amp[st.buffer.device]
-            self.last_stats.append(
-                ops.lamb_step_(
-                    st.params,
-                    st.grads,
-                    st.tensors["exp_avg"],
-                    st.tensors["exp_avg_sq"],
-                    buf.offsets,
-                    hyper=st.hyper,
-                    step=st.step,
-                    master=st.master,
-                    update=buf.grad if st.in_place else None,
-                    grad_sq_norm=None if grad_sq_norm is None else grad_sq_norm.to(buf.device),
-                    inv_grad_scale=inv_grad_scale,
-                    found_inf=found_inf,
-                    chunks=buf.chunks,
-                )
-            )
+        calls = [self._call_args(st, grad_sq_norm, *amp[st.buffer.device]) for st in states]
+        if self.sharding is None:
+            self.last_stats = [ops.lamb_step_(*args, **pass1, **both) for args, pass1, both in calls]
+        else:  # per-tensor norms of this rank's shards, summed over the shards, then the exact ratios
+            self.last_stats = [ops.lamb_update_(*args, **pass1, **both) for args, pass1, both in calls]
+            self.sharding.sum_over_shards([stats[:, : ops.LAMB_RATIO] for stats in self.last_stats])
+            for st, (_, _, both), stats in zip(states, calls, self.last_stats):
+                ops.lamb_apply_(st.params, st.buffer.grad, st.buffer.offsets, stats=stats, **both)
         self._publish()
         return loss
+
+    @staticmethod
+    def _call_args(
+        st: FlatState,
+        grad_sq_norm: torch.Tensor | None,
+        inv_grad_scale: torch.Tensor | None,
+        found_inf: torch.Tensor | None,
+    ) -> tuple[tuple, dict[str, Any], dict[str, Any]]:
+        """The arguments of one buffer's step: positional, pass 1's own keywords, those of both passes.
+        ``u`` goes into the private gradient buffer ``st.buffer.grad``: as ``update`` when the ops read
+        ``p.grad`` in place, else as ``st.grads`` (that buffer then)."""
+        buf = st.buffer
+        args = (st.params, st.grads, st.tensors["exp_avg"], st.tensors["exp_avg_sq"], buf.offsets)
+        pass1 = {"update": buf.grad if st.in_place else None, "inv_grad_scale": inv_grad_scale}
+        both = {
+            "hyper": st.hyper,
+            "step": st.step,
+            "master": st.master,
+            "grad_sq_norm": None if grad_sq_norm is None else grad_sq_norm.to(buf.device),
+            "found_inf": found_inf,
+            "chunks": buf.chunks,
+        }
+        return args, pass1, both
 
     @property
     def last_trust_ratios(self) -> torch.Tensor | None:

@@ -346,7 +346,7 @@ def segment_sq_norms(x: list[torch.Tensor], chunks: ChunkTable, scale: torch.Ten
 
 
 @on_device_of_first
-def lamb_step_(
+def lamb_update_(
     param: list[torch.Tensor],
     grad: list[torch.Tensor],
     update: list[torch.Tensor],
@@ -360,22 +360,13 @@ def lamb_step_(
     inv_grad_scale: torch.Tensor | None,
     found_inf: torch.Tensor | None,
 ) -> torch.Tensor:
-    named = [("param", param), ("grad", grad), ("update", update), ("exp_avg", exp_avg)]
-    named += [("exp_avg_sq", exp_avg_sq)] + ([] if master is None else [("master", master)])
+    w = ("param", param) if master is None else ("master", master)
+    named = [w, ("grad", grad), ("update", update), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)]
     tables, dtypes, aligned = operand_args(chunks, *named)
-    param_t, grad_t, update_t, m_t, v_t = tables[:5]
-    w_t, w_dtype = (param_t, dtypes[0]) if master is None else (tables[5], dtypes[5])
-    flags = dict(HAS_NORM=grad_sq_norm is not None, HAS_FOUND_INF=found_inf is not None)
-    tiling = dict(ALIGNED=aligned, CHUNK=chunks.chunk_size, BLOCK=_block(chunks), num_warps=NUM_WARPS)
-    device = chunks.starts.device
-    partials = torch.empty(chunks.num_chunks, NUM_STATS, dtype=torch.float32, device=device)
+    partials = torch.empty(chunks.num_chunks, NUM_STATS, dtype=torch.float32, device=chunks.starts.device)
     if chunks.num_chunks:
         _update_kernel[(chunks.num_chunks,)](
-            w_t,
-            grad_t,
-            update_t,
-            m_t,
-            v_t,
+            *tables,
             hyper,
             step,
             *_chunk_args(chunks),
@@ -383,16 +374,39 @@ def lamb_step_(
             grad_sq_norm,
             inv_grad_scale,
             found_inf,
-            W_DTYPE=w_dtype,
+            W_DTYPE=dtypes[0],
             GRAD_DTYPE=dtypes[1],
             UPDATE_DTYPE=dtypes[2],
             M_DTYPE=dtypes[3],
             V_DTYPE=dtypes[4],
             HAS_SCALE=inv_grad_scale is not None,
-            **flags,
-            **tiling,
+            HAS_NORM=grad_sq_norm is not None,
+            HAS_FOUND_INF=found_inf is not None,
+            ALIGNED=aligned,
+            CHUNK=chunks.chunk_size,
+            BLOCK=_block(chunks),
+            num_warps=NUM_WARPS,
         )
-    stats = reduce_segments(partials, chunks)
+    return reduce_segments(partials, chunks)
+
+
+@on_device_of_first
+def lamb_apply_(
+    param: list[torch.Tensor],
+    update: list[torch.Tensor],
+    master: list[torch.Tensor] | None,
+    step: torch.Tensor,
+    hyper: torch.Tensor,
+    stats: torch.Tensor,
+    chunks: ChunkTable,
+    grad_sq_norm: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+) -> None:
+    named = [("param", param), ("update", update)] + ([] if master is None else [("master", master)])
+    tables, dtypes, aligned = operand_args(chunks, *named)
+    param_t, update_t = tables[:2]
+    w_t, w_dtype = (param_t, dtypes[0]) if master is None else (tables[2], dtypes[2])
+    flags = dict(HAS_NORM=grad_sq_norm is not None, HAS_FOUND_INF=found_inf is not None)
     if chunks.num_segments:
         _ratio_kernel[(triton.cdiv(chunks.num_segments, SEGMENT_BLOCK),)](
             stats,
@@ -416,9 +430,44 @@ def lamb_step_(
             found_inf,
             W_DTYPE=w_dtype,
             PARAM_DTYPE=dtypes[0],
-            UPDATE_DTYPE=dtypes[2],
+            UPDATE_DTYPE=dtypes[1],
             HAS_MASTER=master is not None,
+            ALIGNED=aligned,
+            CHUNK=chunks.chunk_size,
+            BLOCK=_block(chunks),
+            num_warps=NUM_WARPS,
             **flags,
-            **tiling,
         )
+
+
+def lamb_step_(
+    param: list[torch.Tensor],
+    grad: list[torch.Tensor],
+    update: list[torch.Tensor],
+    exp_avg: list[torch.Tensor],
+    exp_avg_sq: list[torch.Tensor],
+    master: list[torch.Tensor] | None,
+    step: torch.Tensor,
+    hyper: torch.Tensor,
+    chunks: ChunkTable,
+    grad_sq_norm: torch.Tensor | None,
+    inv_grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+) -> torch.Tensor:
+    """Pass 1, the trust ratios, pass 2: three launches (the two halves below)."""
+    stats = lamb_update_(
+        param,
+        grad,
+        update,
+        exp_avg,
+        exp_avg_sq,
+        master,
+        step,
+        hyper,
+        chunks,
+        grad_sq_norm,
+        inv_grad_scale,
+        found_inf,
+    )
+    lamb_apply_(param, update, master, step, hyper, stats, chunks, grad_sq_norm, found_inf)
     return stats
