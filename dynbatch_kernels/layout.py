@@ -271,7 +271,8 @@ class FlatLayout:
 
     @property
     def params(self) -> list[torch.Tensor]:
-        return [p for b in self.buffers for p in b.params]
+        """The parameters, buffer by buffer in segment order (DTensors themselves, not their shards)."""
+        return [p for b in self.buffers for p in b.owners]
 
     @property
     def offsets(self) -> torch.Tensor:

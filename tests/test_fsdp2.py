@@ -17,6 +17,13 @@ import torch.distributed as dist
 from dist_helpers import result, run_cases
 from torch import nn
 
+from dynbatch_kernels.batching import (
+    AnglePolicy,
+    CABSPolicy,
+    FixedPolicy,
+    GradientAccumulator,
+    NoiseScalePolicy,
+)
 from dynbatch_kernels.optim import ExtrapSGD, FusedLAMB
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -46,14 +53,22 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(BATCH, 8, generator=gen), torch.randint(0, 2, (BATCH,), generator=gen)
 
 
-def sharded_model() -> nn.Module:
+def sharded_model(replicas: int = 1) -> nn.Module:
+    """``fully_shard`` on every layer and the root; ``replicas > 1``: HSDP, the ranks split into that many
+    replicas of a model sharded over the rest (placements ``(Replicate(), Shard(0))``)."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    world = dist.get_world_size()
+    if replicas == 1:
+        mesh = init_device_mesh("cpu", (world,))
+    else:
+        mesh = init_device_mesh("cpu", (replicas, world // replicas), mesh_dim_names=("replicate", "shard"))
     net = model()
     for layer in net:
         if isinstance(layer, nn.Linear):
-            fully_shard(layer)
-    return fully_shard(net)
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(net, mesh=mesh)
 
 
 def train(net: nn.Module, opt: torch.optim.Optimizer, steps: range, rank: int = 0, world: int = 1) -> None:
@@ -73,12 +88,13 @@ def full(net: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in whole])
 
 
-def against_one_process(make_opt, rank: int, world: int) -> dict:
-    """Parameters (and LAMB's trust ratios) after STEPS steps on FSDP2 and on one process."""
+def against_one_process(make_opt, rank: int, world: int, replicas: int = 1) -> dict:
+    """Parameters (and LAMB's trust ratios) after STEPS steps on FSDP2 (HSDP with ``replicas``) and on one
+    process."""
     reference = model()
     ref_opt = make_opt(reference.parameters())
     train(reference, ref_opt, range(STEPS))
-    net = sharded_model()
+    net = sharded_model(replicas)
     opt = make_opt(net.parameters())
     train(net, opt, range(STEPS), rank, world)
     out = {"params": full(net), "expected": full(reference)}
@@ -97,6 +113,11 @@ def lamb_trust_clip(rank: int, world: int) -> dict:
 
 def lamb_max_grad_norm(rank: int, world: int) -> dict:
     return against_one_process(lambda ps: FusedLAMB(ps, **LAMB_CASES["max-grad-norm"]), rank, world)
+
+
+def lamb_hsdp(rank: int, world: int) -> dict:
+    """Every rank a replica (a shard group of one): the norms must not be summed over the replicas."""
+    return against_one_process(lambda ps: FusedLAMB(ps, **LAMB_CASES["max-grad-norm"]), rank, world, world)
 
 
 def extrap(rank: int, world: int) -> dict:
@@ -167,7 +188,65 @@ def checkpoint_load(rank: int, world: int) -> torch.Tensor:
     return full(net)
 
 
-CASES = [lamb_plain, lamb_trust_clip, lamb_max_grad_norm, extrap, state_is_sharded, refusals]
+ACC_ROUNDS = 24
+ACC_OPTIMIZERS = {
+    "fused-lamb": lambda ps: FusedLAMB(ps, **LAMB_CASES["max-grad-norm"]),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2),
+}
+ACC_POLICIES = {
+    "fixed": lambda: FixedPolicy(3 * BATCH),
+    "angle": lambda: AnglePolicy(groups="auto", max_samples=8 * BATCH, seed=3),
+    "cabs": lambda: CABSPolicy(min_samples=2 * BATCH, max_samples=8 * BATCH, c=200.0),
+    "noise": lambda: NoiseScalePolicy(min_samples=2 * BATCH, max_samples=8 * BATCH),
+}
+
+
+def accumulate(net, make_opt, policy, rank: int, world: int) -> tuple[torch.Tensor, list[tuple]]:
+    """ACC_ROUNDS micro-batches (each rank its slice of every global one) through a GradientAccumulator:
+    the parameters after them and every step's record."""
+    acc = GradientAccumulator(make_opt(net.parameters()), policy, model=net)
+    size = BATCH // world
+    for k in range(ACC_ROUNDS):
+        x, y = batch(1000 + k)
+        part = slice(rank * size, (rank + 1) * size)
+        loss = nn.functional.cross_entropy(net(x[part]), y[part])
+        loss.backward()
+        if acc.accumulate(size, loss.detach()):
+            acc.step()
+    records = [(r.micro_batches, r.samples, r.angles, r.trace, r.grad_sq, r.loss) for r in acc.history]
+    return full(net), records
+
+
+def accumulator(rank: int, world: int) -> dict:
+    """Every optimizer with the fixed policy, AdamW with the adaptive ones: FSDP2 and one process."""
+    runs = [(opt, "fixed") for opt in ACC_OPTIMIZERS] + [
+        ("adamw", name) for name in ACC_POLICIES if name != "fixed"
+    ]
+    return {
+        (opt, policy): (
+            accumulate(sharded_model(), ACC_OPTIMIZERS[opt], ACC_POLICIES[policy](), rank, world),
+            accumulate(model(), ACC_OPTIMIZERS[opt], ACC_POLICIES[policy](), 0, 1),
+        )
+        for opt, policy in runs
+    }
+
+
+def accumulator_uneven(rank: int, world: int) -> str:
+    """Micro-batches of different sizes on the ranks: refused on every rank (FSDP2 averages equally)."""
+    net = sharded_model()
+    acc = GradientAccumulator(torch.optim.AdamW(net.parameters()), FixedPolicy(100))
+    x, y = batch(0)
+    n = 4 + rank
+    nn.functional.cross_entropy(net(x[:n]), y[:n]).backward()
+    try:
+        acc.accumulate(n)
+    except ValueError as err:
+        return str(err)
+    return "accepted"
+
+
+CASES = [lamb_plain, lamb_trust_clip, lamb_max_grad_norm, lamb_hsdp, extrap, state_is_sharded, refusals]
+CASES += [accumulator, accumulator_uneven]
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +273,9 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize("case", ["lamb_plain", "lamb_trust_clip", "lamb_max_grad_norm", "extrap"])
+@pytest.mark.parametrize(
+    "case", ["lamb_plain", "lamb_trust_clip", "lamb_max_grad_norm", "lamb_hsdp", "extrap"]
+)
 def test_fsdp2_equals_one_process(ranks, case):
     outs = result(ranks, case)
     for out in outs:
@@ -230,3 +311,31 @@ def test_dcp_checkpoint_from_2_ranks_resumes_on_3(runs):
     continued = result(runs[2], "checkpoint_save")[0]
     for params in result(runs[3], "checkpoint_load"):
         assert relative(params, continued) < 1e-6
+
+
+def test_accumulator_on_fsdp2_equals_one_process_on_the_whole_batches(ranks):
+    """The fixed policy: parameters within 1e-6 and the same records; adaptive policies: the same
+    decisions on every rank as one process (micro-batches and samples per step), statistics within 1e-6."""
+    outs = result(ranks, "accumulator")
+    for key in outs[0]:
+        for (params, records), (expected, expected_records) in (out[key] for out in outs):
+            assert (
+                relative(params, expected) < 1e-5 if key[1] != "fixed" else relative(params, expected) < 1e-6
+            )
+            assert [r[:2] for r in records] == [r[:2] for r in expected_records], key
+            assert len(records) >= 2, key
+            for record, want in zip(records, expected_records):
+                torch.testing.assert_close(
+                    torch.tensor([*record[2], *record[3:]], dtype=torch.float64),
+                    torch.tensor([*want[2], *want[3:]], dtype=torch.float64),
+                    rtol=1e-5,
+                    atol=1e-7,
+                    equal_nan=True,
+                )
+        first = outs[0][key][0][1]
+        assert all(out[key][0][1] == first for out in outs), key  # every rank decided alike, bit for bit
+
+
+def test_accumulator_refuses_uneven_micro_batches_on_every_rank(ranks):
+    for message in result(ranks, "accumulator_uneven"):
+        assert "same micro-batch size on every rank under FSDP2" in message

@@ -39,6 +39,11 @@ a step also backs the scale off (see :mod:`~dynbatch_kernels.batching.amp`).
 (:mod:`~dynbatch_kernels.batching.distributed`): per micro-batch one all-reduce of the sums, counts and
 loss (plus, with ``ddp_sync="exact"``, one of ``G``); with ``ddp_sync="local"`` one all-reduce of ``A`` at
 the step. Sample counts are global and every rank takes the same decisions; the sums are read at once.
+Under FSDP2 (the optimizer's parameters are ``fully_shard`` DTensors; no ``model=`` needed) the fused pass
+runs on the local shards of the gradients FSDP2 reduce-scattered, and one all-reduce per micro-batch of
+the shards' sums, counts and loss makes them the whole tensors' (:class:`~dynbatch_kernels.batching.
+distributed.ShardReducer`): every rank sees what one process sees on the ranks' micro-batches
+concatenated. Every rank's micro-batches must have the same size (FSDP2 averages with equal weights).
 
 **Host reads**: only the ``[S, 4]`` sums, the loss and (once per step) the loss scale leave the device. On
 CUDA they go to pinned host memory by non-blocking copies and are read at the next call (``read_lag=1``),
@@ -62,13 +67,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dynbatch_kernels import ops
 from dynbatch_kernels.batching import amp
-from dynbatch_kernels.batching.distributed import DDPReducer
+from dynbatch_kernels.batching.distributed import DDPReducer, ShardReducer
 from dynbatch_kernels.batching.estimators import NoiseScaleEstimator, VarianceSums
 from dynbatch_kernels.batching.grads import Index, StepBuffers
 from dynbatch_kernels.batching.lr_rules import LRRule, scaled_lrs
 from dynbatch_kernels.batching.policies import BatchPolicy, Observation, StepSummary, column_sums, sums_angle
 from dynbatch_kernels.layout import FlatLayout
-from dynbatch_kernels.sharding import is_dtensor
+from dynbatch_kernels.sharding import Sharding, is_dtensor
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +156,8 @@ class GradientAccumulator:
         model: optional module whose ``named_parameters()`` name the segments (for the angle groups). A
             ``DistributedDataParallel`` module makes the accumulator own the communication (see
             :mod:`~dynbatch_kernels.batching.distributed`): it turns DDP's sync off, and sample counts,
-            sums, losses and decisions are global (the same on every rank).
+            sums, losses and decisions are global (the same on every rank). FSDP2 (``fully_shard``)
+            parameters need no ``model``: their sums are reduced over the mesh by themselves.
         ddp_sync: under DDP, ``"local"`` (default: no gradient traffic until the step, one all-reduce of
             the accumulated buffer there; the policy sees the pooled within-rank angle) or ``"exact"``
             (every micro-batch's gradient all-reduced: the angle of the global accumulated gradient).
@@ -208,7 +214,8 @@ class GradientAccumulator:
         self._buffers: StepBuffers | None = None
         layout = self._optimizer_layout()
         on_cuda = any(p.device.type == "cuda" for group in optimizer.param_groups for p in group["params"])
-        self.read_lag = int(on_cuda and self._ddp is None) if read_lag is None else read_lag
+        sharded = any(is_dtensor(p) for group in optimizer.param_groups for p in group["params"])
+        self.read_lag = int(on_cuda and self._ddp is None and not sharded) if read_lag is None else read_lag
         if self.read_lag not in (0, 1) or (self._ddp is not None and self.read_lag):
             raise ValueError(f"read_lag: expected 0 or 1 (0 under DDP), got {read_lag!r}")
         self._reset_step()
@@ -409,12 +416,7 @@ class GradientAccumulator:
         """New buffers over ``layout`` (None: a private layout over the optimizer's groups), carrying the
         current step over from the old ones."""
         groups = self.optimizer.param_groups
-        if any(is_dtensor(p) for group in groups for p in group["params"]):
-            raise TypeError(
-                "optimizer: DTensor (FSDP2) parameters are not supported by the gradient accumulator yet: "
-                "its angle and variance sums would cover this rank's shard of each tensor only. FusedLAMB "
-                "and ExtrapSGD step FSDP2 parameters on their own"
-            )
+        self._shards = self._shard_reducer(groups)
         if self._pending is not None:
             self._resolve()
         self._layout = layout  # the optimizer's layout followed, or None
@@ -433,8 +435,19 @@ class GradientAccumulator:
         self._host_rows = self._host_sums.split(rows)  # per buffer
         self._segments = [(b, j) for b, count in enumerate(rows) for j in range(count)]  # the rows' order
         self._host_scalars = torch.zeros(2, dtype=torch.float32, pin_memory=pin)  # loss, loss scale
-        names = [self._names.get(id(p), n) for b in layout.buffers for n, p in zip(b.names, b.params)]
+        names = [self._names.get(id(p), n) for b in layout.buffers for n, p in zip(b.names, b.owners)]
         self.policy.bind(names)
+
+    def _shard_reducer(self, groups: list[dict]) -> ShardReducer | None:
+        """The FSDP2 reductions when the parameters are DTensors (checked: one 1-D mesh, no DDP, no lag)."""
+        sharding = Sharding.of(_named_groups(groups))
+        if sharding is None:
+            return None
+        if self._ddp is not None:
+            raise TypeError("model: expected no DistributedDataParallel module around FSDP2 parameters")
+        if self.read_lag:
+            raise ValueError("read_lag: expected 0 under FSDP2 (every rank decides from the reduced sums)")
+        return ShardReducer(sharding)
 
     def _reset_step(self) -> None:
         self._sums = VarianceSums()
@@ -456,7 +469,9 @@ class GradientAccumulator:
             self._host_scalars[1].copy_(amp.loss_scale(self.scaler), non_blocking=lagged)
         if not self._acc_empty:
             self._buffers.launch_backup()
-        if self._ddp is None:
+        if self._shards is not None:
+            self._pending = self._launch_sharded(samples, _loss_value(loss), fresh)
+        elif self._ddp is None:
             self._pending = self._launch_local(samples, loss, fresh, lagged)
         else:
             self._pending = self._launch_reduced(samples, _loss_value(loss), fresh)
@@ -499,6 +514,16 @@ class GradientAccumulator:
         sums, counts, weighted, total, loss = ddp.reduce_sums(parts, present, samples, loss, weighted)
         fresh = [index for index, count in zip(self._segments, counts) if count > 0]
         return _Pending(total, sums, loss, False, self._acc_empty, fresh, [], weighted, ddp.world_size)
+
+    def _launch_sharded(self, samples: int, loss: float, fresh: list[Index]) -> _Pending:
+        """Under FSDP2: the fused pass ``A += R n G`` on the shards, then one reduction; everything after it
+        is global, as for one process on the ranks' micro-batches concatenated."""
+        parts = self._buffers.accumulate(float(samples * self._shards.world_size))
+        fresh_set = set(fresh)
+        present = torch.tensor([float(index in fresh_set) for index in self._segments])
+        sums, counts, total, loss = self._shards.reduce_sums(parts, present, samples, loss)
+        fresh = [index for index, count in zip(self._segments, counts) if count > 0]
+        return _Pending(total, sums, loss, False, self._acc_empty, fresh, [])
 
     def _reduce_accumulated(self) -> None:
         """Local mode, at the step: ``A <- sum_r A_r`` and ``|A|^2`` of the global sum (one norm pass)."""

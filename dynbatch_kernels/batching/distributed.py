@@ -1,4 +1,5 @@
-"""The accumulator's communication under ``DistributedDataParallel``: every decision from reduced values.
+"""The accumulator's communication under ``DistributedDataParallel`` (:class:`DDPReducer`) and FSDP2
+(:class:`ShardReducer`): every decision from reduced values.
 
 The accumulator turns DDP's own gradient all-reduce off (``require_backward_grad_sync = False``, what
 ``no_sync()`` does) and reduces, with ``torch.distributed`` SUM all-reduces over the DDP module's process
@@ -24,6 +25,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from dynbatch_kernels.ops import GRAD_SQ
+from dynbatch_kernels.sharding import Sharding
 
 #: The two ways to reduce gradients (see the module docstring).
 MODES = ("local", "exact")
@@ -100,10 +102,57 @@ class DDPReducer:
         return sum(part[:, GRAD_SQ].sum() for part in parts) / samples
 
     def _all_reduce(self, tensor: torch.Tensor) -> None:
-        try:
-            dist.all_reduce(tensor, group=self.group)
-        except RuntimeError as exc:
-            raise RuntimeError(
-                f"GradientAccumulator: an all-reduce over {self.world_size} ranks failed: a rank stopped "
-                f"early, crashed or took longer than the process group's timeout ({exc})"
-            ) from exc
+        _all_reduce(tensor, self.group, self.world_size)
+
+
+def _all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup, world_size: int) -> None:
+    try:
+        dist.all_reduce(tensor, group=group)
+    except RuntimeError as exc:
+        raise RuntimeError(
+            f"GradientAccumulator: an all-reduce over {world_size} ranks failed: a rank stopped "
+            f"early, crashed or took longer than the process group's timeout ({exc})"
+        ) from exc
+
+
+class ShardReducer:
+    """The reductions of one accumulator over FSDP2 parameters (``fully_shard`` on a 1-D mesh).
+
+    FSDP2 reduce-scatters every backward's gradient: rank ``r`` holds its shard of the mean over ranks
+    ``G = (1/R) sum_r g_r``, which is the batch mean when every rank's micro-batch has the same ``n``
+    samples (checked). The fused pass ``A += R n G`` on the shards and one all-reduce of ``[the shards'
+    [S, 4] sums | presence | n_r | n_r^2 | n_r L_r]`` give the whole tensors' sums, the global count and
+    loss on every rank: the accumulator then sees what one process sees on the ranks' micro-batches
+    concatenated (the angle of the global accumulated gradient, as the exact DDP mode).
+    """
+
+    def __init__(self, sharding: Sharding):
+        if sharding.mesh.ndim != 1:
+            raise ValueError(
+                f"optimizer: FSDP2 parameters on a {sharding.mesh.ndim}-D mesh; the gradient accumulator "
+                "takes a 1-D mesh (fully_shard without replication)"
+            )
+        self.group = sharding.group
+        self.world_size = dist.get_world_size(self.group)
+
+    def reduce_sums(
+        self, parts: list[torch.Tensor], present: torch.Tensor, samples: int, loss: float
+    ) -> tuple[list[list[float]], list[float], int, float]:
+        """One all-reduce; returns the whole tensors' sums, the per-segment presence counts, ``N_k`` and
+        the sample-weighted loss. Raises (on every rank alike) when the ranks' micro-batch sizes differ."""
+        rows = torch.cat(parts).double()
+        device, segments = rows.device, len(rows)
+        counts = torch.tensor([samples, samples**2, samples * loss], dtype=torch.float64, device=device)
+        payload = torch.cat([rows.reshape(-1), present.to(device, torch.float64), counts])
+        _all_reduce(payload, self.group, self.world_size)
+        values = payload.tolist()
+        sums = [values[4 * j : 4 * j + 4] for j in range(segments)]
+        presence = values[4 * segments : 5 * segments]
+        total, squares, loss_sum = values[5 * segments :]
+        if squares * self.world_size != total**2:
+            raise ValueError(
+                f"num_samples: expected the same micro-batch size on every rank under FSDP2, which averages "
+                f"the ranks' gradients with equal weights; got {round(total)} samples over "
+                f"{self.world_size} ranks, unevenly"
+            )
+        return sums, presence, round(total), loss_sum / total

@@ -15,6 +15,11 @@ Which parameters took part in a step: those whose post-accumulate-grad hook fire
 them) or whose ``p.grad`` was a tensor of the user's, in an accepted micro-batch. A parameter that took
 part in none gets ``p.grad = None`` at the step (torch optimizers skip it: no update, no weight decay);
 the hooks also tell whether a backward happened at all.
+
+FSDP2 (a buffer of DTensor parameters' local shards): FSDP2 reduce-scatters each backward's gradient into
+``p.grad`` (a DTensor), adding to the one there. The fused pass reads every local shard where it lives and
+zeroes it, so the next backward adds into zeros; ``p.grad`` stays the DTensor FSDP2 made. At the step the
+shards get ``A * scale`` (a copy), and after it zeros again.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ import torch
 
 from dynbatch_kernels.backends import backend_module
 from dynbatch_kernels.checks import GRAD_DTYPES, check_flat, check_same, table_for
-from dynbatch_kernels.layout import FlatLayout
+from dynbatch_kernels.layout import FlatBuffer, FlatLayout
+from dynbatch_kernels.sharding import local_tensor
 
 Index = tuple[int, int]  # (buffer, segment)
 
@@ -73,6 +79,9 @@ class StepBuffers:
                 self._grads[b], self._views[b] = buf.grad, buf.segment_views(buf.grad)
                 for j in range(buf.num_segments):
                     self._move_bound(b, j, self, b, j)
+            if buf.sharded:
+                self._operands[b] = self._shard_operand(b, buf)
+                continue
             bound = self._bound[b]
             if all(p.grad is v for p, v in zip(buf.params, bound)):
                 continue
@@ -103,6 +112,19 @@ class StepBuffers:
             fresh.extend(self.layout.locate(p) for p in self.hits if p.grad is not None)
         self.hits.clear()
         return fresh if arrived else None
+
+    def _shard_operand(self, b: int, buf: FlatBuffer) -> list[torch.Tensor]:
+        """The fused pass's gradient operand of a buffer of local shards: every ``p.grad``'s shard where it
+        lives (a non-contiguous one copied into ``G`` and zeroed), ``G``'s zero view where there is none."""
+        operand = list(self._views[b])
+        for j, g in enumerate(buf.grads()):
+            if g is not None:
+                if g.is_contiguous():
+                    operand[j] = g
+                else:
+                    operand[j].copy_(g)
+                    g.zero_()
+        return operand
 
     def accumulate(self, scale: float) -> list[torch.Tensor]:
         """The fused pass :func:`~dynbatch_kernels.ops.accumulate_` on every buffer, ``A += scale * G;
@@ -150,6 +172,9 @@ class StepBuffers:
         """
         for b, buf in enumerate(self.layout.buffers):
             acc = self.acc[b]
+            if buf.sharded:
+                self._expose_shards(b, buf, scale)
+                continue
             if buf.grad.dtype == torch.float32:
                 if scale is not None and scale != 1.0:
                     acc.mul_(scale)
@@ -167,10 +192,34 @@ class StepBuffers:
                     p.grad = want
                 bound[j] = want
 
+    def _expose_shards(self, b: int, buf: FlatBuffer, scale: float | None) -> None:
+        """``p.grad``'s local shards <- ``A * scale`` (``None``: as is) where present, else ``p.grad = None``;
+        ``A <- 0``."""
+        acc_views = buf.segment_views(self.acc[b])
+        targets, sources = [], []
+        for j, (p, present) in enumerate(zip(buf.owners, self.present[b])):
+            if not present:
+                p.grad = None
+                continue
+            if p.grad is None:  # cleared since its micro-batch: a zero DTensor like the parameter's
+                p.grad = torch.zeros_like(p)
+            targets.append(local_tensor(p.grad))
+            sources.append(acc_views[j])
+        if targets:
+            torch._foreach_copy_(targets, sources)
+            if scale is not None and scale != 1.0:
+                torch._foreach_mul_(targets, scale)
+        self.acc[b].zero_()
+
     def after_step(self) -> None:
-        """After the optimizer's step: ``G <- 0`` for the next backward; nobody took part yet."""
+        """After the optimizer's step: ``G <- 0`` (FSDP2: the ``p.grad`` shards) for the next backward;
+        nobody took part yet."""
         for buf in self.layout.buffers:
             buf.grad.zero_()
+            if buf.sharded:
+                shards = [g for g in buf.grads() if g is not None]
+                if shards:
+                    torch._foreach_zero_(shards)
         self._restart()
 
     def discard(self) -> None:
@@ -189,7 +238,7 @@ class StepBuffers:
         """Take over ``old``'s state for the parameters both layouts hold: the sum ``A`` (mid-step), the
         gradient of the micro-batch in flight (``p.grad`` views into the old ``G``), participation, hits."""
         for ob, obuf in enumerate(old.layout.buffers):
-            for oj, p in enumerate(obuf.params):
+            for oj, p in enumerate(obuf.owners):
                 where = self.layout.find(p)
                 if where is None:
                     continue
