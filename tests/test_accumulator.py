@@ -129,26 +129,6 @@ def test_accumulate_before_any_backward_raises():
         acc.accumulate(8)  # the same gradient twice
 
 
-def test_hooks_rest_once_every_parameter_took_part():
-    """The post-accumulate-grad hooks come off when every parameter is in the step (a backward is then
-    told by G's version counter), and are back for the next step."""
-    model, acc = fresh(FixedPolicy(24))
-    grad = torch.ones(num_elements(model))
-    assert acc._buffers.hooks
-    feed(acc, grad, samples=8)
-    assert not acc._buffers.hooks
-    feed(acc, 2 * grad, samples=8)
-    with pytest.raises(RuntimeError, match="expected a backward"):
-        acc.accumulate(8)
-    assert feed(acc, 3 * grad, samples=8)
-    before = [p.detach().clone() for p in model.parameters()]
-    acc.step()
-    assert acc._buffers.hooks
-    expected = (8 * 1 + 8 * 2 + 8 * 3) / 24  # the sample-weighted mean gradient, lr 0.1
-    for p, b in zip(model.parameters(), before):
-        torch.testing.assert_close(p.detach(), b - 0.1 * expected)
-
-
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True, None])
 def test_num_samples_must_be_a_positive_int(bad):
     model, acc = fresh()

@@ -14,10 +14,7 @@ contiguous, or under an exact DDP reduction (which all-reduces ``G`` itself). A 
 Which parameters took part in a step: those whose post-accumulate-grad hook fired (a backward reached
 them) or whose ``p.grad`` was a tensor of the user's, in an accepted micro-batch. A parameter that took
 part in none gets ``p.grad = None`` at the step (torch optimizers skip it: no update, no weight decay);
-the hooks also tell whether a backward happened at all. Once every parameter has taken part in the step
-the hooks have nothing left to say but the latter, which ``G``'s version counter (bumped by the backward's
-in-place accumulation into the views) tells for free: they are removed until the next step, saving a
-Python call per parameter and backward (not under FSDP2, whose gradients do not land in ``G``).
+the hooks also tell whether a backward happened at all.
 
 FSDP2 (a buffer of DTensor parameters' local shards): FSDP2 reduce-scatters each backward's gradient into
 ``p.grad`` (a DTensor), adding to the one there. The fused pass reads every local shard where it lives and
@@ -54,9 +51,9 @@ class StepBuffers:
         self._kernels = [backend_module(b.device).accumulate_ for b in buffers]
         self.backup: list[torch.Tensor] = []
         self.hits: list[torch.Tensor] = []  # parameters reached by a backward since the last gather
-        self.hooks: list = []
-        self._versions: list[int] | None = None  # G's version counters while the hooks are off
-        self._hook_on()
+        self.hooks = [
+            p.register_post_accumulate_grad_hook(self.hits.append) for p in layout.params if p.requires_grad
+        ]
         self.trainable = tuple(p.requires_grad for p in layout.params)
         self._grads = [b.grad for b in buffers]  # the G each view list belongs to
         self._views = [b.segment_views(b.grad) for b in buffers]
@@ -70,33 +67,13 @@ class StepBuffers:
             hook.remove()
         self.hooks = []
 
-    def _hook_on(self) -> None:
-        """Register the post-accumulate-grad hooks (unless they are)."""
-        if not self.hooks:
-            params = [p for p in self.layout.params if p.requires_grad]
-            self.hooks = [p.register_post_accumulate_grad_hook(self.hits.append) for p in params]
-        self._versions = None
-
-    def _hook_off(self) -> None:
-        """Every parameter took part: remove the hooks, and tell a backward from ``G``'s versions."""
-        if self.hooks and not any(b.sharded for b in self.layout.buffers):
-            self.close()
-            self._versions = [b.grad._version for b in self.layout.buffers]
-
-    def _written(self) -> bool:
-        """Whether a backward wrote into ``G`` since the hooks went off."""
-        versions = self._versions
-        return versions is not None and any(
-            b.grad._version != v for b, v in zip(self.layout.buffers, versions)
-        )
-
     # -- per micro-batch ------------------------------------------------------------------------------
 
     def gather(self) -> list[Index] | None:
         """Make ``G`` hold this micro-batch's gradient and point ``p.grad`` at ``G``'s views; return the
         parameters that took part for the first time in this step, or None when no gradient arrived."""
         fresh: list[Index] = []
-        arrived = bool(self.hits) or self._written()
+        arrived = bool(self.hits)
         for b, buf in enumerate(self.layout.buffers):
             if buf.grad is not self._grads[b]:  # G replaced by the layout's owner: move our views over
                 self._grads[b], self._views[b] = buf.grad, buf.segment_views(buf.grad)
@@ -134,8 +111,6 @@ class StepBuffers:
         if self.missing:
             fresh.extend(self.layout.locate(p) for p in self.hits if p.grad is not None)
         self.hits.clear()
-        if self._versions is not None:  # past this call's own writes into G
-            self._versions = [b.grad._version for b in self.layout.buffers]
         return fresh if arrived else None
 
     def _shard_operand(self, b: int, buf: FlatBuffer) -> list[torch.Tensor]:
@@ -184,8 +159,6 @@ class StepBuffers:
             if not self.present[b][j]:
                 self.present[b][j] = True
                 self.missing -= 1
-        if self.missing == 0:
-            self._hook_off()
 
     # -- per step -------------------------------------------------------------------------------------
 
@@ -258,7 +231,6 @@ class StepBuffers:
     def _restart(self) -> None:
         self.present = [[False] * b.num_segments for b in self.layout.buffers]
         self.missing = len(self.layout.params)
-        self._hook_on()
 
     # -- a new layout ---------------------------------------------------------------------------------
 
