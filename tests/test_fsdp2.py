@@ -188,6 +188,24 @@ def checkpoint_load(rank: int, world: int) -> torch.Tensor:
     return full(net)
 
 
+def load_unsharded(rank: int, world: int) -> dict:
+    """One process's optimizer state_dict (whole tensors) loaded into FSDP2's: each rank takes its pieces;
+    the next step equals that process's next step."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    make = lambda ps: FusedLAMB(ps, **LAMB_CASES["max-grad-norm"])
+    reference = model()
+    ref_opt = make(reference.parameters())
+    train(reference, ref_opt, range(STEPS))
+    net = sharded_model()
+    set_model_state_dict(net, reference.state_dict(), options=StateDictOptions(full_state_dict=True))
+    opt = make(net.parameters())
+    opt.load_state_dict(ref_opt.state_dict())
+    train(reference, ref_opt, range(STEPS, STEPS + 1))
+    train(net, opt, range(STEPS, STEPS + 1), rank, world)
+    return {"params": full(net), "expected": full(reference)}
+
+
 ACC_ROUNDS = 24
 ACC_OPTIMIZERS = {
     "fused-lamb": lambda ps: FusedLAMB(ps, **LAMB_CASES["max-grad-norm"]),
@@ -246,7 +264,7 @@ def accumulator_uneven(rank: int, world: int) -> str:
 
 
 CASES = [lamb_plain, lamb_trust_clip, lamb_max_grad_norm, lamb_hsdp, extrap, state_is_sharded, refusals]
-CASES += [accumulator, accumulator_uneven]
+CASES += [load_unsharded, accumulator, accumulator_uneven]
 
 
 @pytest.fixture(scope="module")
@@ -304,6 +322,11 @@ def test_fsdp2_refuses_what_it_cannot_sum(ranks):
     for mixed, group in result(ranks, "refusals"):
         assert "plain tensor among DTensor" in mixed
         assert "grad_norm_group: expected None with DTensor" in group
+
+
+def test_unsharded_optimizer_state_loads_into_fsdp2(ranks):
+    for out in result(ranks, "load_unsharded"):
+        assert relative(out["params"], out["expected"]) < 1e-6
 
 
 def test_dcp_checkpoint_from_2_ranks_resumes_on_3(runs):
