@@ -205,6 +205,7 @@ class FlatBuffer:
 
     def stale(self) -> str | None:
         """The name of the first parameter that no longer fits its segment (see :meth:`is_stale`), or None."""
+        self.refresh_shards()
         return next((self.names[j] for j in range(self.num_segments) if self.is_stale(j)), None)
 
 
@@ -342,9 +343,9 @@ def check_params(pairs: list[tuple[str, torch.Tensor]], *, sharded: bool = False
             raise TypeError(f"{name}: expected a tensor, got {type(p).__name__}")
         if is_dtensor(p) and not sharded:
             raise TypeError(
-                f"{name}: a DTensor (FSDP2) parameter cannot be bound to a flat buffer (bind=True) or "
-                "accumulated here yet: every per-tensor norm (the angle statistics) would cover one shard "
-                "only. FusedLAMB and ExtrapSGD step FSDP2 parameters (they sum the norms over the shards)"
+                f"{name}: a DTensor (FSDP2) parameter cannot be bound to a flat buffer (bind=True): FSDP2 "
+                "owns its storage. Use bind=False (the segments then mirror the local shards), or let "
+                "FusedLAMB, ExtrapSGD or GradientAccumulator build their own layout: they handle FSDP2"
             )
         if fsdp1 is not None and isinstance(p, fsdp1.FlatParameter):
             raise TypeError(

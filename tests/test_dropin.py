@@ -447,6 +447,17 @@ def test_dtensor_parameters_step_like_plain_ones(make):
         assert all(isinstance(v, DTensor) for k, v in state.items() if k != "step")
 
 
+@pytest.mark.usefixtures("process_group")
+def test_a_bound_layout_refuses_dtensors():
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    sharded = nn.Parameter(distribute_tensor(torch.randn(4, 4), init_device_mesh("cpu", (1,)), [Shard(0)]))
+    with pytest.raises(TypeError, match=r"cannot be bound to a flat buffer \(bind=True\)"):
+        FlatLayout([sharded])
+    assert FlatLayout([sharded], bind=False).only().sharded
+
+
 def test_complex_parameters_are_refused():
     for make in (MAKERS["lamb"], MAKERS["extrap-local"]):
         with pytest.raises(TypeError, match="complex parameters are not supported"):

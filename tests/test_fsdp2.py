@@ -249,18 +249,26 @@ def accumulator(rank: int, world: int) -> dict:
     }
 
 
-def accumulator_uneven(rank: int, world: int) -> str:
-    """Micro-batches of different sizes on the ranks: refused on every rank (FSDP2 averages equally)."""
-    net = sharded_model()
-    acc = GradientAccumulator(torch.optim.AdamW(net.parameters()), FixedPolicy(100))
-    x, y = batch(0)
-    n = 4 + rank
-    nn.functional.cross_entropy(net(x[:n]), y[:n]).backward()
-    try:
-        acc.accumulate(n)
-    except ValueError as err:
-        return str(err)
-    return "accepted"
+def accumulator_uneven(rank: int, world: int) -> dict:
+    """Micro-batches of different sizes on the ranks: refused on every rank (FSDP2 averages equally) and
+    left out of the sum: a step after an even micro-batch equals a run that never saw the uneven one."""
+
+    def run(uneven: bool) -> tuple[str, torch.Tensor]:
+        net = sharded_model()
+        acc = GradientAccumulator(torch.optim.SGD(net.parameters(), lr=0.5), FixedPolicy(8 * world))
+        x, y = batch(0)
+        message = "accepted"
+        for n in ([4 + rank] if uneven else []) + [8, 8]:
+            nn.functional.cross_entropy(net(x[:n]), y[:n]).backward()
+            try:
+                if acc.accumulate(n):
+                    acc.step()
+            except ValueError as err:
+                message = str(err)
+        return message, full(net)
+
+    (message, params), (_, expected) = run(True), run(False)
+    return {"message": message, "params": params, "expected": expected}
 
 
 CASES = [lamb_plain, lamb_trust_clip, lamb_max_grad_norm, lamb_hsdp, extrap, state_is_sharded, refusals]
@@ -360,5 +368,6 @@ def test_accumulator_on_fsdp2_equals_one_process_on_the_whole_batches(ranks):
 
 
 def test_accumulator_refuses_uneven_micro_batches_on_every_rank(ranks):
-    for message in result(ranks, "accumulator_uneven"):
-        assert "same micro-batch size on every rank under FSDP2" in message
+    for out in result(ranks, "accumulator_uneven"):
+        assert "same micro-batch size on every rank under FSDP2" in out["message"]
+        assert torch.equal(out["params"], out["expected"])  # the refused micro-batch left no trace

@@ -521,7 +521,11 @@ class GradientAccumulator:
         parts = self._buffers.accumulate(float(samples * self._shards.world_size))
         fresh_set = set(fresh)
         present = torch.tensor([float(index in fresh_set) for index in self._segments])
-        sums, counts, total, loss = self._shards.reduce_sums(parts, present, samples, loss)
+        try:
+            sums, counts, total, loss = self._shards.reduce_sums(parts, present, samples, loss)
+        except ValueError:  # refused on every rank: the micro-batch leaves no trace in A
+            self._buffers.roll_back(self._acc_empty)
+            raise
         fresh = [index for index, count in zip(self._segments, counts) if count > 0]
         return _Pending(total, sums, loss, False, self._acc_empty, fresh, [])
 

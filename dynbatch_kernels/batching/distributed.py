@@ -153,6 +153,7 @@ class ShardReducer:
             raise ValueError(
                 f"num_samples: expected the same micro-batch size on every rank under FSDP2, which averages "
                 f"the ranks' gradients with equal weights; got {round(total)} samples over "
-                f"{self.world_size} ranks, unevenly"
+                f"{self.world_size} ranks, unevenly. The micro-batch was not accumulated and its gradient "
+                "is used up: run its backward again with equal sizes"
             )
         return sums, presence, round(total), loss_sum / total

@@ -234,10 +234,10 @@ def lamb_update_(
     """Pass 1 of :func:`lamb_step_` alone: ``m, v`` and ``u`` (into ``update``, or ``grad`` when None),
     unless skipped; ``param``, ``master`` and ``step`` are only read.
 
-    For tensors split across processes (FSDP2 shards, ZeRO partitions): sum the returned norms over the
-    shards of each tensor (one all-reduce of the ``[S, 4]`` table), then call :func:`lamb_apply_` with the
-    sums, which takes the trust ratios from them. ``lamb_update_`` then ``lamb_apply_`` on the same
-    arguments is :func:`lamb_step_`, bit for bit.
+    For tensors split across processes (FSDP2 shards): sum the returned norms over the shards of each
+    tensor (one all-reduce of the table's first three columns; the ratio column is zero), then call
+    :func:`lamb_apply_` with the sums, which takes the trust ratios from them. ``lamb_update_`` then
+    ``lamb_apply_`` on the same arguments is :func:`lamb_step_`, bit for bit.
 
     Args:
         param, grad, exp_avg, exp_avg_sq, hyper, step, master, update, grad_sq_norm, inv_grad_scale,
