@@ -10,6 +10,7 @@ unevenly, and on 3 ranks some shards are empty. The state checkpoint goes throug
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -271,8 +272,19 @@ def accumulator_uneven(rank: int, world: int) -> dict:
     return {"message": message, "params": params, "expected": expected}
 
 
+def example(rank: int, world: int) -> list[int]:
+    """examples/fsdp2_accumulator.py's training loop, 60 micro-batches: the samples of its steps."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "fsdp2_accumulator.py"
+    spec = importlib.util.spec_from_file_location("fsdp2_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.train(rank, world, micro_batches=60)
+
+
 CASES = [lamb_plain, lamb_trust_clip, lamb_max_grad_norm, lamb_hsdp, extrap, state_is_sharded, refusals]
-CASES += [load_unsharded, accumulator, accumulator_uneven]
+CASES += [load_unsharded, accumulator, accumulator_uneven, example]
 
 
 @pytest.fixture(scope="module")
@@ -371,3 +383,8 @@ def test_accumulator_refuses_uneven_micro_batches_on_every_rank(ranks):
     for out in result(ranks, "accumulator_uneven"):
         assert "same micro-batch size on every rank under FSDP2" in out["message"]
         assert torch.equal(out["params"], out["expected"])  # the refused micro-batch left no trace
+
+
+def test_the_fsdp2_example_steps_alike_on_every_rank(ranks):
+    steps = result(ranks, "example")
+    assert len(steps[0]) >= 2 and all(s == steps[0] for s in steps)
