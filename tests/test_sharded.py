@@ -43,13 +43,28 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def zero_against_one_process(optimizer_class, options: dict, group: bool) -> float:
-    """Relative difference of ZeroRedundancyOptimizer's parameters after STEPS steps from one process."""
+    """Relative difference of ZeroRedundancyOptimizer's parameters after STEPS steps from one process; for
+    FusedLAMB the larger of that and the difference of the last trust ratios (every rank's partition's,
+    put back in parameter order)."""
     reference = model()
-    expected = train(reference, optimizer_class(reference.parameters(), **options))
+    ref_opt = optimizer_class(reference.parameters(), **options)
+    expected = train(reference, ref_opt)
     net = model()
     extra = {"grad_norm_group": dist.group.WORLD} if group else {}
     zero = ZeroRedundancyOptimizer(net.parameters(), optimizer_class=optimizer_class, **options, **extra)
-    return relative(train(net, zero), expected)
+    difference = relative(train(net, zero), expected)
+    if optimizer_class is FusedLAMB:
+        index = {id(p): i for i, p in enumerate(net.parameters())}
+        local = zero.optim
+        mine = [
+            (index[id(p)], r)
+            for p, r in zip(local.param_groups[0]["params"], local.last_trust_ratios.tolist())
+        ]
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, mine)
+        ratios = torch.tensor([r for _, r in sorted(pair for part in parts for pair in part)])
+        difference = max(difference, relative(ratios, ref_opt.last_trust_ratios))
+    return difference
 
 
 def zero_lamb_group(rank: int, world: int) -> float:
