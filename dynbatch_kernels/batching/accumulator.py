@@ -73,6 +73,7 @@ from dynbatch_kernels.batching.grads import Index, StepBuffers
 from dynbatch_kernels.batching.lr_rules import LRRule, scaled_lrs
 from dynbatch_kernels.batching.policies import BatchPolicy, Observation, StepSummary, column_sums, sums_angle
 from dynbatch_kernels.layout import FlatLayout
+from dynbatch_kernels.optim.base import FlatOptimizer
 from dynbatch_kernels.sharding import Sharding, is_dtensor
 
 logger = logging.getLogger(__name__)
@@ -394,8 +395,14 @@ class GradientAccumulator:
 
     def _follow_optimizer(self) -> None:
         """Rebuild the buffers when the optimizer's layout object or its param groups changed (checked at
-        every call), or its parameters or which of them need a gradient (checked at step boundaries)."""
-        layout = getattr(self.optimizer, "layout", None)
+        every call), or its parameters or which of them need a gradient (checked at step boundaries, where
+        a package optimizer's ``layout`` also checks its parameters: mid-step its ``built_layout`` is read,
+        which skips that per-parameter scan)."""
+        opt = self.optimizer
+        if self._launched and isinstance(opt, FlatOptimizer):
+            layout = opt.built_layout
+        else:
+            layout = getattr(opt, "layout", None)
         same = layout is self._layout
         if same and layout is None:
             same = len(self.optimizer.param_groups) == self._num_groups

@@ -167,6 +167,12 @@ class FlatOptimizer(torch.optim.Optimizer):
         assert self._layout is not None
         return self._layout
 
+    @property
+    def built_layout(self) -> FlatLayout | None:
+        """The layout as last built, without :attr:`layout`'s scan of every parameter first (for callers
+        that follow the layout object at every call, such as the gradient accumulator mid-step)."""
+        return self._layout
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Validate and add a group. Its parameters must be in a caller's layout; a private layout is rebuilt
         over all parameters (state kept)."""
