@@ -59,34 +59,10 @@ def segment_sq_norms(x: list[torch.Tensor], chunks: ChunkTable, scale: torch.Ten
     return torch.ops.dynbatch_cpp.segment_sq_norms(x, *_table(chunks), scale)
 
 
-def lamb_step_(
-    param: list[torch.Tensor],
-    grad: list[torch.Tensor],
-    update: list[torch.Tensor],
-    exp_avg: list[torch.Tensor],
-    exp_avg_sq: list[torch.Tensor],
-    master: list[torch.Tensor] | None,
-    step: torch.Tensor,
-    hyper: torch.Tensor,
-    chunks: ChunkTable,
-    grad_sq_norm: torch.Tensor | None,
-    inv_grad_scale: torch.Tensor | None,
-    found_inf: torch.Tensor | None,
-) -> torch.Tensor:
-    return torch.ops.dynbatch_cpp.lamb_step_(
-        param,
-        grad,
-        update,
-        exp_avg,
-        exp_avg_sq,
-        master,
-        step,
-        hyper,
-        *_table(chunks),
-        grad_sq_norm,
-        inv_grad_scale,
-        found_inf,
-    )
+def _pass1(op, *args) -> torch.Tensor:
+    """``op`` (``lamb_step_`` or ``lamb_update_``: the same arguments) with ``chunks`` (the ninth) as its
+    table arguments."""
+    return op(*args[:8], *_table(args[8]), *args[9:])
 
 
 def lamb_update_(
@@ -103,20 +79,13 @@ def lamb_update_(
     inv_grad_scale: torch.Tensor | None,
     found_inf: torch.Tensor | None,
 ) -> torch.Tensor:
-    return torch.ops.dynbatch_cpp.lamb_update_(
-        param,
-        grad,
-        update,
-        exp_avg,
-        exp_avg_sq,
-        master,
-        step,
-        hyper,
-        *_table(chunks),
-        grad_sq_norm,
-        inv_grad_scale,
-        found_inf,
-    )
+    args = (param, grad, update, exp_avg, exp_avg_sq, master, step, hyper, chunks)
+    return _pass1(torch.ops.dynbatch_cpp.lamb_update_, *args, grad_sq_norm, inv_grad_scale, found_inf)
+
+
+def lamb_step_(*args) -> torch.Tensor:
+    """Both passes in one C++ call; the arguments of :func:`lamb_update_`."""
+    return _pass1(torch.ops.dynbatch_cpp.lamb_step_, *args)
 
 
 def lamb_apply_(

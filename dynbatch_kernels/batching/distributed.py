@@ -69,27 +69,10 @@ class DDPReducer:
         """One all-reduce of ``[sums | present | n_r |g_r|^2 | n_r | n_r L_r]`` (the sums only in the local
         mode: in the exact mode they are global already); returns the global sums, the per-segment
         presence counts, ``sum_r n_r |g_r|^2``, ``N_k`` and the sample-weighted loss."""
-        rows = torch.cat(parts).double()
-        device, segments = rows.device, len(rows)
-        tail = torch.stack(
-            [
-                weighted.to(device, torch.float64).reshape(()),
-                torch.tensor(float(samples), dtype=torch.float64, device=device),
-                torch.tensor(samples * loss, dtype=torch.float64, device=device),
-            ]
+        tail = [weighted, samples, samples * loss]
+        sums, counts, (weighted_sum, total, loss_sum) = _reduce_rows(
+            parts, present, tail, self.group, self.world_size, with_sums=not self.exact
         )
-        payload = torch.cat([present.to(device, torch.float64), tail])
-        if not self.exact:
-            payload = torch.cat([rows.reshape(-1), payload])
-        self._all_reduce(payload)
-        values = payload.tolist()
-        if self.exact:
-            sums = rows.tolist()
-        else:
-            sums = [values[4 * j : 4 * j + 4] for j in range(segments)]
-            values = values[4 * segments :]
-        counts = values[:segments]
-        weighted_sum, total, loss_sum = values[segments:]
         return sums, counts, weighted_sum, round(total), loss_sum / total
 
     def reduce_accumulated(self, accs: list[torch.Tensor]) -> None:
@@ -103,6 +86,32 @@ class DDPReducer:
 
     def _all_reduce(self, tensor: torch.Tensor) -> None:
         _all_reduce(tensor, self.group, self.world_size)
+
+
+def _reduce_rows(
+    parts: list[torch.Tensor],
+    present: torch.Tensor,
+    tail: list[float | torch.Tensor],
+    group: dist.ProcessGroup,
+    world_size: int,
+    with_sums: bool = True,
+) -> tuple[list[list[float]], list[float], list[float]]:
+    """One float64 SUM all-reduce of ``[the [S, 4] sums (with_sums) | present | tail]``; returns the sums
+    (this rank's own without ``with_sums``), the per-segment presence counts and the tail, on the host."""
+    rows = torch.cat(parts).double()
+    device, segments = rows.device, len(rows)
+    values = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in tail])
+    payload = torch.cat([present.to(device, torch.float64), values])
+    if with_sums:
+        payload = torch.cat([rows.reshape(-1), payload])
+    _all_reduce(payload, group, world_size)
+    reduced = payload.tolist()
+    if with_sums:
+        sums = [reduced[4 * j : 4 * j + 4] for j in range(segments)]
+        reduced = reduced[4 * segments :]
+    else:
+        sums = rows.tolist()
+    return sums, reduced[:segments], reduced[segments:]
 
 
 def _all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup, world_size: int) -> None:
@@ -140,15 +149,10 @@ class ShardReducer:
     ) -> tuple[list[list[float]], list[float], int, float]:
         """One all-reduce; returns the whole tensors' sums, the per-segment presence counts, ``N_k`` and
         the sample-weighted loss. Raises (on every rank alike) when the ranks' micro-batch sizes differ."""
-        rows = torch.cat(parts).double()
-        device, segments = rows.device, len(rows)
-        counts = torch.tensor([samples, samples**2, samples * loss], dtype=torch.float64, device=device)
-        payload = torch.cat([rows.reshape(-1), present.to(device, torch.float64), counts])
-        _all_reduce(payload, self.group, self.world_size)
-        values = payload.tolist()
-        sums = [values[4 * j : 4 * j + 4] for j in range(segments)]
-        presence = values[4 * segments : 5 * segments]
-        total, squares, loss_sum = values[5 * segments :]
+        tail = [samples, samples**2, samples * loss]
+        sums, presence, (total, squares, loss_sum) = _reduce_rows(
+            parts, present, tail, self.group, self.world_size
+        )
         if squares * self.world_size != total**2:
             raise ValueError(
                 f"num_samples: expected the same micro-batch size on every rank under FSDP2, which averages "

@@ -194,24 +194,8 @@ def lamb_step_(
         clipping) and ``LAMB_RATIO`` (the ``r_j`` applied; 1 for inactive segments). When the step is
         skipped they describe the update that was not applied.
     """
-    ops, table = _pass1_operands(
-        param, grad, exp_avg, exp_avg_sq, offsets, hyper, step, master, update, chunks
-    )
-    _check_scalars(table, grad_sq_norm=grad_sq_norm, inv_grad_scale=inv_grad_scale, found_inf=found_inf)
-    return _lamb_step_op(
-        ops["param"],
-        ops["grad"],
-        ops.get("update", []),
-        ops["exp_avg"],
-        ops["exp_avg_sq"],
-        ops.get("master", []),
-        step,
-        hyper,
-        *table.op_args(),
-        grad_sq_norm,
-        inv_grad_scale,
-        found_inf,
-    )
+    args = (param, grad, exp_avg, exp_avg_sq, offsets, hyper, step, master, update, chunks)
+    return _pass1_call(_lamb_step_op, *args, grad_sq_norm, inv_grad_scale, found_inf)
 
 
 @shared_arg_docs
@@ -249,24 +233,8 @@ def lamb_update_(
         float32 ``[S, 4]``: ``|w|^2, |u|^2, |s*g|^2`` of this call's elements per segment (0 for inactive
         segments) and a ratio column of zeros.
     """
-    ops, table = _pass1_operands(
-        param, grad, exp_avg, exp_avg_sq, offsets, hyper, step, master, update, chunks
-    )
-    _check_scalars(table, grad_sq_norm=grad_sq_norm, inv_grad_scale=inv_grad_scale, found_inf=found_inf)
-    return _lamb_update_op(
-        ops["param"],
-        ops["grad"],
-        ops.get("update", []),
-        ops["exp_avg"],
-        ops["exp_avg_sq"],
-        ops.get("master", []),
-        step,
-        hyper,
-        *table.op_args(),
-        grad_sq_norm,
-        inv_grad_scale,
-        found_inf,
-    )
+    args = (param, grad, exp_avg, exp_avg_sq, offsets, hyper, step, master, update, chunks)
+    return _pass1_call(_lamb_update_op, *args, grad_sq_norm, inv_grad_scale, found_inf)
 
 
 @shared_arg_docs
@@ -328,6 +296,29 @@ def _master_operand(
     return [("master", master, as_operand("master", master, (torch.float32,)))]
 
 
+def _pass1_call(
+    op, param, grad, exp_avg, exp_avg_sq, offsets, hyper, step, master, update, chunks, *scalars
+) -> torch.Tensor:
+    """Check the arguments of :func:`lamb_step_` / :func:`lamb_update_` and run ``op`` on them."""
+    ops, table = _pass1_operands(
+        param, grad, exp_avg, exp_avg_sq, offsets, hyper, step, master, update, chunks
+    )
+    grad_sq_norm, inv_grad_scale, found_inf = scalars
+    _check_scalars(table, grad_sq_norm=grad_sq_norm, inv_grad_scale=inv_grad_scale, found_inf=found_inf)
+    return op(
+        ops["param"],
+        ops["grad"],
+        ops.get("update", []),
+        ops["exp_avg"],
+        ops["exp_avg_sq"],
+        ops.get("master", []),
+        step,
+        hyper,
+        *table.op_args(),
+        *scalars,
+    )
+
+
 def _pass1_operands(
     param, grad, exp_avg, exp_avg_sq, offsets, hyper, step, master, update, chunks
 ) -> tuple[dict[str, list[torch.Tensor]], ChunkTable]:
@@ -377,85 +368,57 @@ def _(x, table, *rest):
     return table[0].new_empty(table[0].shape[0] - 1, dtype=torch.float32)
 
 
-@fused_op(
-    "lamb_step_",
-    mutates_args=("param", "grad", "update", "exp_avg", "exp_avg_sq", "master", "step", "found_inf"),
+def _pass1_op(name: str, mutates_args: tuple[str, ...]):
+    """Register ``dynbatch::<name>``, which runs the backend's ``<name>`` (``lamb_step_`` or
+    ``lamb_update_``: the same arguments, pass 1 with or without pass 2), and its fake implementation."""
+
+    def run(
+        param: list[torch.Tensor],
+        grad: list[torch.Tensor],
+        update: list[torch.Tensor],
+        exp_avg: list[torch.Tensor],
+        exp_avg_sq: list[torch.Tensor],
+        master: list[torch.Tensor],
+        step: torch.Tensor,
+        hyper: torch.Tensor,
+        table: list[torch.Tensor],
+        sizes: list[int],
+        grad_sq_norm: torch.Tensor | None,
+        inv_grad_scale: torch.Tensor | None,
+        found_inf: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``update`` and ``master`` are empty lists when absent (a custom op has no optional tensor lists;
+        ``u`` then goes into ``grad``)."""
+        chunks = ChunkTable.from_op_args(table, sizes)
+        backend = getattr(backend_module(chunks.offsets.device), name)
+        return backend(
+            param,
+            grad,
+            update or grad,
+            exp_avg,
+            exp_avg_sq,
+            master or None,
+            step,
+            hyper,
+            chunks,
+            grad_sq_norm,
+            inv_grad_scale,
+            found_inf,
+        )
+
+    op = fused_op(name, mutates_args=mutates_args)(run)
+
+    @op.register_fake
+    def _(param, grad, update, exp_avg, exp_avg_sq, master, step, hyper, table, *rest):
+        return table[0].new_empty(table[0].shape[0] - 1, NUM_LAMB_STATS, dtype=torch.float32)
+
+    return op
+
+
+_lamb_step_op = _pass1_op(
+    "lamb_step_", ("param", "grad", "update", "exp_avg", "exp_avg_sq", "master", "step", "found_inf")
 )
-def _lamb_step_op(
-    param: list[torch.Tensor],
-    grad: list[torch.Tensor],
-    update: list[torch.Tensor],
-    exp_avg: list[torch.Tensor],
-    exp_avg_sq: list[torch.Tensor],
-    master: list[torch.Tensor],
-    step: torch.Tensor,
-    hyper: torch.Tensor,
-    table: list[torch.Tensor],
-    sizes: list[int],
-    grad_sq_norm: torch.Tensor | None,
-    inv_grad_scale: torch.Tensor | None,
-    found_inf: torch.Tensor | None,
-) -> torch.Tensor:
-    """``update`` and ``master`` are empty lists when absent (a custom op has no optional tensor lists)."""
-    chunks = ChunkTable.from_op_args(table, sizes)
-    return backend_module(chunks.offsets.device).lamb_step_(
-        param,
-        grad,
-        update or grad,
-        exp_avg,
-        exp_avg_sq,
-        master or None,
-        step,
-        hyper,
-        chunks,
-        grad_sq_norm,
-        inv_grad_scale,
-        found_inf,
-    )
-
-
-@_lamb_step_op.register_fake
-def _(param, grad, update, exp_avg, exp_avg_sq, master, step, hyper, table, *rest):
-    return table[0].new_empty(table[0].shape[0] - 1, NUM_LAMB_STATS, dtype=torch.float32)
-
-
-@fused_op("lamb_update_", mutates_args=("grad", "update", "exp_avg", "exp_avg_sq"))
-def _lamb_update_op(
-    param: list[torch.Tensor],
-    grad: list[torch.Tensor],
-    update: list[torch.Tensor],
-    exp_avg: list[torch.Tensor],
-    exp_avg_sq: list[torch.Tensor],
-    master: list[torch.Tensor],
-    step: torch.Tensor,
-    hyper: torch.Tensor,
-    table: list[torch.Tensor],
-    sizes: list[int],
-    grad_sq_norm: torch.Tensor | None,
-    inv_grad_scale: torch.Tensor | None,
-    found_inf: torch.Tensor | None,
-) -> torch.Tensor:
-    """``update`` and ``master`` are empty lists when absent (``u`` then goes into ``grad``)."""
-    chunks = ChunkTable.from_op_args(table, sizes)
-    return backend_module(chunks.offsets.device).lamb_update_(
-        param,
-        grad,
-        update or grad,
-        exp_avg,
-        exp_avg_sq,
-        master or None,
-        step,
-        hyper,
-        chunks,
-        grad_sq_norm,
-        inv_grad_scale,
-        found_inf,
-    )
-
-
-@_lamb_update_op.register_fake
-def _(param, grad, update, exp_avg, exp_avg_sq, master, step, hyper, table, *rest):
-    return table[0].new_empty(table[0].shape[0] - 1, NUM_LAMB_STATS, dtype=torch.float32)
+_lamb_update_op = _pass1_op("lamb_update_", ("grad", "update", "exp_avg", "exp_avg_sq"))
 
 
 @fused_op("lamb_apply_", mutates_args=("param", "master", "step", "stats", "found_inf"))

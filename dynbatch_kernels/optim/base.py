@@ -416,8 +416,9 @@ class FlatOptimizer(torch.optim.Optimizer):
         parameters whose ids are in ``recast`` changed device or dtype: not an outside change."""
         # a group may list a tensor twice (torch warns, in add_param_group): it is one segment
         params = list({id(p): p for group in self.param_groups for p in group["params"]}.values())
-        check_params([(f"params[{i}]", p) for i, p in enumerate(params)], sharded=True)
-        self.sharding = Sharding.of([(f"params[{i}]", p) for i, p in enumerate(params)])
+        indexed = [(f"params[{i}]", p) for i, p in enumerate(params)]
+        check_params(indexed, sharded=True)
+        self.sharding = Sharding.of(indexed)
         for p in params:
             if p.dtype not in GRAD_DTYPES:
                 names = ", ".join(str(d) for d in GRAD_DTYPES)
