@@ -1,7 +1,8 @@
 // LAMB / LAMBC over the segments' tensors (the math and byte counts: dynbatch_kernels/ops/lamb.py).
 //   lamb_step_:       pass 1 (m, v, u into update; partial |w|^2 |u|^2 |g|^2 per chunk) -> per-segment
 //                     trust ratios -> pass 2 (w -= lr * r * u, u read back from update). Nothing is
-//                     written when the step is skipped. update may be grad itself.
+//                     written when the step is skipped. update may be grad itself; a separate update
+//                     buffer too large to stay cached until pass 2 is written with streaming stores.
 //   lamb_update_ / lamb_apply_: pass 1 (returning the statistics) and pass 2 (ratios from statistics that
 //                     may have been summed over the shards of each tensor in between) as two calls.
 //   segment_sq_norms: per-segment |s*x|^2 in one read (pass 0: the global gradient norm for clipping).
@@ -12,6 +13,7 @@
 
 #include "chunks.h"
 #include "columns.h"
+#include "stream.h"
 
 namespace dynbatch {
 namespace {
@@ -61,9 +63,19 @@ Coefficients coefficients(const float* h, float steps_done, float inv_scale, flo
           inv_scale / clip};
 }
 
+// Where pass 1 puts u: a separate buffer, the gradient itself (read then written at each index through
+// one pointer), or a separate buffer through streaming stores (stream.h), a block at a time from a staging
+// area in the first-level cache.
+enum class UStore { kSeparate, kInPlace, kStreamed };
+
+// Elements per block of pass 1: each block's u is streamed out as soon as it is computed, which keeps the
+// streaming stores interleaved with the loads (one burst per chunk stalls them). Every UStore runs the same
+// blocks and sums, so all three give the same bits.
+constexpr int64_t kBlock = 256;
+
 // Pass 1 over one chunk of n elements: m, v and u (into update) unless !kWrite; returns |w|^2, |u|^2,
-// |s*g|^2. kInPlace: update is grad (the same memory), read then written at each index through one pointer.
-template <typename scalar_t, bool kMaster, bool kWrite, bool kInPlace>
+// |s*g|^2.
+template <typename scalar_t, bool kMaster, bool kWrite, UStore kStore>
 DYNBATCH_VECTORIZED void update_chunk(const scalar_t* __restrict param, const float* __restrict master,
                                       const scalar_t* __restrict grad, scalar_t* __restrict update,
                                       float* __restrict exp_avg, float* __restrict exp_avg_sq, int64_t n,
@@ -72,34 +84,43 @@ DYNBATCH_VECTORIZED void update_chunk(const scalar_t* __restrict param, const fl
   const float beta1 = k.beta1, beta2 = k.beta2, one_minus_beta1 = k.one_minus_beta1;
   const float one_minus_beta2 = k.one_minus_beta2, inv_bc1 = k.inv_bc1, inv_sqrt_bc2 = k.inv_sqrt_bc2;
   const float eps = k.eps, weight_decay = k.weight_decay, grad_scale = k.grad_scale;
+  alignas(64) scalar_t staged[kStore == UStore::kStreamed ? kBlock : 1];
   float ww = 0.f, uu = 0.f, gg = 0.f;
-#pragma omp simd reduction(+ : ww, uu, gg)
-  for (int64_t i = 0; i < n; ++i) {
-    float w;
-    if constexpr (kMaster) {
-      w = master[i];
-    } else {
-      w = static_cast<float>(param[i]);
+  for (int64_t lo = 0; lo < n; lo += kBlock) {
+    const int64_t len = std::min(kBlock, n - lo);
+    scalar_t* u_out = kStore == UStore::kStreamed ? staged : update + lo;
+    const scalar_t* g_in = kStore == UStore::kInPlace ? update + lo : grad + lo;
+    float block_ww = 0.f, block_uu = 0.f, block_gg = 0.f;
+#pragma omp simd reduction(+ : block_ww, block_uu, block_gg)
+    for (int64_t i = 0; i < len; ++i) {
+      const int64_t at = lo + i;
+      float w;
+      if constexpr (kMaster) {
+        w = master[at];
+      } else {
+        w = static_cast<float>(param[at]);
+      }
+      const float raw = static_cast<float>(g_in[i]);
+      const float g = raw * grad_scale;
+      const float m = beta1 * exp_avg[at] + one_minus_beta1 * g;
+      const float v = beta2 * exp_avg_sq[at] + one_minus_beta2 * g * g;
+      const float u = m * inv_bc1 / (std::sqrt(v) * inv_sqrt_bc2 + eps) + weight_decay * w;
+      if constexpr (kWrite) {
+        exp_avg[at] = m;
+        exp_avg_sq[at] = v;
+        u_out[i] = to_storage<scalar_t>(u);
+      }
+      const float unscaled = raw * inv_scale;
+      block_ww += w * w;
+      block_uu += u * u;
+      block_gg += unscaled * unscaled;
     }
-    float raw;
-    if constexpr (kInPlace) {
-      raw = static_cast<float>(update[i]);
-    } else {
-      raw = static_cast<float>(grad[i]);
+    if constexpr (kWrite && kStore == UStore::kStreamed) {
+      stream_copy(update + lo, staged, len * static_cast<int64_t>(sizeof(scalar_t)));
     }
-    const float g = raw * grad_scale;
-    const float m = beta1 * exp_avg[i] + one_minus_beta1 * g;
-    const float v = beta2 * exp_avg_sq[i] + one_minus_beta2 * g * g;
-    const float u = m * inv_bc1 / (std::sqrt(v) * inv_sqrt_bc2 + eps) + weight_decay * w;
-    if constexpr (kWrite) {
-      exp_avg[i] = m;
-      exp_avg_sq[i] = v;
-      update[i] = to_storage<scalar_t>(u);
-    }
-    const float unscaled = raw * inv_scale;
-    ww += w * w;
-    uu += u * u;
-    gg += unscaled * unscaled;
+    ww += block_ww;
+    uu += block_uu;
+    gg += block_gg;
   }
   out[kWSq] = ww;
   out[kUSq] = uu;
@@ -130,9 +151,12 @@ struct Buffers {
   Operand param, grad, update, exp_avg, exp_avg_sq, master;
 };
 
+// Pass 1 over every chunk. `stream`: u goes to a separate update buffer of at least kStreamMinBytes, too
+// large to stay cached until pass 2 reads it, so it is written with streaming stores, which spares the
+// write-allocate read of each of its lines.
 template <typename scalar_t, bool kMaster, bool kWrite>
 void update_pass(const Buffers& b, const float* hyper, const float* steps, const Chunks& t, float inv_scale,
-                 float grad_norm, float* partials) {
+                 float grad_norm, bool stream, float* partials) {
   at::parallel_for(0, t.num_chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       const int64_t seg = t.chunk_segments[c], lo = t.starts[c], n = t.ends[c] - lo;
@@ -149,14 +173,18 @@ void update_pass(const Buffers& b, const float* hyper, const float* steps, const
       scalar_t* update = b.update.chunk<scalar_t>(seg, lo);
       float* exp_avg = b.exp_avg.chunk<float>(seg, lo);
       float* exp_avg_sq = b.exp_avg_sq.chunk<float>(seg, lo);
-      if (kWrite && static_cast<const void*>(grad) == static_cast<const void*>(update)) {
-        update_chunk<scalar_t, kMaster, kWrite, true>(param, master, nullptr, update, exp_avg, exp_avg_sq, n,
-                                                      k, inv_scale, out);
-      } else {
-        update_chunk<scalar_t, kMaster, kWrite, false>(param, master, grad, update, exp_avg, exp_avg_sq, n, k,
-                                                       inv_scale, out);
+      const bool in_place = static_cast<const void*>(grad) == static_cast<const void*>(update);
+      auto* run = update_chunk<scalar_t, kMaster, kWrite, UStore::kSeparate>;
+      if (kWrite && in_place) {
+        run = update_chunk<scalar_t, kMaster, kWrite, UStore::kInPlace>;
+      } else if (kWrite && stream) {
+        run = update_chunk<scalar_t, kMaster, kWrite, UStore::kStreamed>;
       }
+      // In place, grad is passed as null: the kernel reads it through update, the one pointer it writes.
+      run(param, master, kWrite && in_place ? nullptr : grad, update, exp_avg, exp_avg_sq, n, k, inv_scale,
+          out);
     }
+    if (stream) stream_fence();
   });
 }
 
@@ -230,10 +258,13 @@ at::Tensor run_update(const Buffers& b, bool has_master, const float* h, const f
                       const StepScalars& k) {
   auto partials = at::empty({table.num_chunks, kNumStats}, at::TensorOptions().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype_or(b.param, at::kFloat), "lamb_update_", [&] {
-    using pass1_t = void (*)(const Buffers&, const float*, const float*, const Chunks&, float, float, float*);
+    using pass1_t =
+        void (*)(const Buffers&, const float*, const float*, const Chunks&, float, float, bool, float*);
+    const bool stream = b.update.data != b.grad.data &&
+                        table.layout.num_elements * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamMinBytes;
     const pass1_t passes[2][2] = {{update_pass<scalar_t, false, false>, update_pass<scalar_t, false, true>},
                                   {update_pass<scalar_t, true, false>, update_pass<scalar_t, true, true>}};
-    passes[has_master][!k.skip](b, h, steps, table, k.inv_scale, std::sqrt(k.norm_sq),
+    passes[has_master][!k.skip](b, h, steps, table, k.inv_scale, std::sqrt(k.norm_sq), stream,
                                 partials.data_ptr<float>());
   });
   return reduce_chunks(partials, table);

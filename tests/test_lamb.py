@@ -8,6 +8,7 @@ import torch
 from lamb_cases import bf16_rtol, random_options
 
 from dynbatch_kernels import CHUNK_SIZE, ChunkTable, ops, reference
+from dynbatch_kernels.available import cpp_available
 from helpers import (
     RTOL,
     backend_cases,
@@ -242,6 +243,37 @@ def test_update_then_apply_is_the_step_bit_for_bit(backend, dtype, master, skip)
     for key, value in whole.items():
         assert value is None or torch.equal(split[key], value), key
     assert torch.equal(split_scalars["found_inf"], whole_scalars["found_inf"])
+
+
+@pytest.mark.skipif(not cpp_available(), reason="extension not built")
+@pytest.mark.parametrize(("dtype", "master"), STORAGE[:2], ids=["f32", "bf16-master"])
+@pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "misaligned-update"])
+def test_streamed_update_is_the_in_place_step_bit_for_bit(dtype, master, misaligned):
+    """A separate ``update`` of 8 MiB or more is written with streaming stores (the C++ kernels): the same
+    bits as ``u`` written over the gradient, in ``update``'s every element (NaN-poisoned before) and in
+    every other output; ``misaligned``: ``update`` is one tensor per segment, each 2 elements past a
+    16-byte boundary (a flat buffer must be aligned)."""
+    gen = torch.Generator().manual_seed(5)
+    sizes = [1, 0, 4_300_001 if dtype == torch.bfloat16 else 2_200_003, 77, 5000]
+    offsets = torch.tensor([0, *(-(-n // 16) * 16 for n in sizes)]).cumsum(0)
+    table = ChunkTable.from_offsets(offsets, lengths=sizes)
+    in_place = make_case("cpu", offsets, dtype, master, gen, inactive=(3,))
+    streamed = {k: None if v is None else v.clone() for k, v in in_place.items()}
+    room = torch.full((int(offsets[-1]) + 2,), float("nan"), dtype=dtype)
+    starts = offsets[:-1].tolist()
+    flat = room[:-2]
+    assert flat.numel() * flat.element_size() >= 8 << 20
+    pieces = [room[2 + lo : 2 + lo + n] for lo, n in zip(starts, sizes)]
+    stats = run_op(streamed, table, update=pieces if misaligned else flat)
+    expected = run_op(in_place, table)
+    torch.testing.assert_close(stats, expected, rtol=0, atol=0)
+    for key, value in in_place.items():
+        if key != "grad":
+            assert value is None or torch.equal(streamed[key], value), key
+    for j, (lo, n) in enumerate(zip(starts, sizes)):
+        if j != 3:  # the inactive segment: nothing written
+            written = pieces[j] if misaligned else flat[lo : lo + n]
+            assert torch.equal(written, in_place["grad"][lo : lo + n]), j
 
 
 def test_apply_checks_the_stats_table():
