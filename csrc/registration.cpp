@@ -5,8 +5,14 @@
 // columns (columns.h) as `dynbatch_kernels._C.COLUMNS`, a {name: index} dict the tests compare with
 // dynbatch_kernels/columns.py.
 #include <Python.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 
+#include <vector>
+
+#include "accumulate.h"
 #include "chunks.h"
 #include "columns.h"
 
@@ -85,11 +91,62 @@ PyObject* exported_columns() {
   return columns;
 }
 
+
+// obj as a tensor (a TypeError naming `name` otherwise).
+at::Tensor tensor_arg(PyObject* obj, const char* name) {
+  TORCH_CHECK_TYPE(THPVariable_Check(obj), name, ": expected a torch.Tensor, got ", Py_TYPE(obj)->tp_name);
+  return THPVariable_Unpack(obj);
+}
+
+// The tensors of a list or tuple argument.
+std::vector<at::Tensor> tensor_list_arg(PyObject* obj, const char* name) {
+  TORCH_CHECK_TYPE(PyList_Check(obj) || PyTuple_Check(obj), name, ": expected a list of tensors, got ",
+                   Py_TYPE(obj)->tp_name);
+  const Py_ssize_t count = PySequence_Fast_GET_SIZE(obj);
+  PyObject** items = PySequence_Fast_ITEMS(obj);
+  std::vector<at::Tensor> tensors;
+  tensors.reserve(count);
+  for (Py_ssize_t i = 0; i < count; ++i) tensors.push_back(tensor_arg(items[i], name));
+  return tensors;
+}
+
+// _C.accumulate_(acc, grad, host_offsets, host_lengths, chunk_starts, chunk_ends, segment_chunks,
+// chunk_segments, scale, zero_grad): the dynbatch_cpp::accumulate_ kernel called without the dispatcher's
+// boxed path from Python, whose host time is most of a micro-batch's accumulate on a small model. For
+// plain CPU tensors in eager mode only (the callers check), as is any direct kernel call.
+PyObject* accumulate_direct(PyObject* /*module*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *acc, *grad, *table[6];
+  double scale;
+  int zero_grad;
+  if (!PyArg_ParseTuple(args, "OOOOOOOOdp", &acc, &grad, &table[0], &table[1], &table[2], &table[3],
+                        &table[4], &table[5], &scale, &zero_grad)) {
+    return nullptr;
+  }
+  const std::vector<at::Tensor> accs = tensor_list_arg(acc, "acc"), grads = tensor_list_arg(grad, "grad");
+  static const char* const names[6] = {"host_offsets", "host_lengths",   "chunk_starts",
+                                       "chunk_ends",   "segment_chunks", "chunk_segments"};
+  at::Tensor t[6];
+  for (int i = 0; i < 6; ++i) t[i] = tensor_arg(table[i], names[i]);
+  at::Tensor sums;
+  {
+    pybind11::gil_scoped_release no_gil;
+    sums = dynbatch::accumulate_cpu(accs, grads, t[0], t[1], t[2], t[3], t[4], t[5], scale, zero_grad != 0);
+  }
+  return THPVariable_Wrap(std::move(sums));
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef methods[] = {
+    {"accumulate_", accumulate_direct, METH_VARARGS, "accumulate_'s CPU kernel, called directly"},
+    {nullptr, nullptr, 0, nullptr},
+};
+
 }  // namespace
 
 // An importable module, so that `import dynbatch_kernels._C` runs the registrations above.
 PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   PyObject* m = PyModule_Create(&module);
   if (m == nullptr) return nullptr;
   PyObject* columns = exported_columns();

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dynbatch_kernels import ChunkTable, FlatLayout, ops, reference
+from dynbatch_kernels.available import cpp_available
 from helpers import RTOL, assert_sums_close, backend_cases, poisoned_memory, random_offsets
 
 GRAD_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -195,3 +196,26 @@ def test_devices_differ():
     acc, grad = torch.zeros(64, device="cuda"), torch.ones(64)
     with pytest.raises(ValueError, match="device"):
         ops.accumulate_(acc, grad, torch.tensor([0, 64], device="cuda"))
+
+
+@pytest.mark.skipif(not cpp_available(), reason="extension not built")
+def test_direct_cpp_entry_checks_its_arguments():
+    """``_C.accumulate_``, the C++ kernel's entry without the dispatcher (the accumulator's per-micro-batch
+    call), raises Python's TypeError / ValueError naming the argument, writing nothing."""
+    from dynbatch_kernels import _C, cpp
+
+    table = ChunkTable.from_offsets(torch.tensor([0, 16, 48]), lengths=[5, 32])
+    args = cpp._table(table)
+    acc, grad = torch.zeros(48), torch.ones(48)
+    with pytest.raises(TypeError, match="acc: expected a list of tensors"):
+        _C.accumulate_(acc, [grad], *args, 1.0, True)
+    with pytest.raises(TypeError, match=r"grad: expected a torch\.Tensor"):
+        _C.accumulate_([acc], [grad.tolist()], *args, 1.0, True)
+    with pytest.raises(TypeError, match=r"chunk_ends: expected a torch\.Tensor"):
+        _C.accumulate_([acc], [grad], *args[:3], None, *args[4:], 1.0, True)
+    with pytest.raises(ValueError, match="grad: expected 2 tensors"):
+        _C.accumulate_([acc], [grad[:5]], *args, 1.0, True)
+    assert not acc.any() and grad.eq(1).all()
+    sums = _C.accumulate_([acc], [grad[:5], grad[16:]], *args, 2.0, True)
+    assert acc[:5].eq(2).all() and not acc[5:16].any() and acc[16:].eq(2).all() and not grad[16:].any()
+    torch.testing.assert_close(sums[:, ops.GRAD_SQ], torch.tensor([20.0, 128.0]))
