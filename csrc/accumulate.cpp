@@ -1,6 +1,5 @@
 // accumulate_: acc += scale * grad in one pass, with per-segment sums
 //   [acc_old . s*g, |s*g|^2, |acc_old|^2, |acc_new|^2], and grad optionally zeroed in the same pass.
-#include "accumulate.h"
 #include "chunks.h"
 #include "columns.h"
 
@@ -44,8 +43,6 @@ void accumulate_chunks(const Operand& acc, const Operand& grad, const Chunks& t,
   });
 }
 
-}  // namespace
-
 at::Tensor accumulate_cpu(at::TensorList acc_list, at::TensorList grad_list, const at::Tensor& host_offsets,
                           const at::Tensor& host_lengths, const at::Tensor& chunk_starts,
                           const at::Tensor& chunk_ends, const at::Tensor& segment_chunks,
@@ -61,6 +58,8 @@ at::Tensor accumulate_cpu(at::TensorList acc_list, at::TensorList grad_list, con
   });
   return reduce_chunks(partials, table);
 }
+
+}  // namespace
 
 TORCH_LIBRARY_IMPL(dynbatch_cpp, CPU, m) { m.impl("accumulate_", accumulate_cpu); }
 

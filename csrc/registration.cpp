@@ -10,9 +10,9 @@
 #include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 
-#include <vector>
+#include <string>
+#include <unordered_map>
 
-#include "accumulate.h"
 #include "chunks.h"
 #include "columns.h"
 
@@ -93,54 +93,97 @@ PyObject* exported_columns() {
 
 
 // obj as a tensor (a TypeError naming `name` otherwise).
-at::Tensor tensor_arg(PyObject* obj, const char* name) {
+at::Tensor tensor_arg(PyObject* obj, const std::string& name) {
   TORCH_CHECK_TYPE(THPVariable_Check(obj), name, ": expected a torch.Tensor, got ", Py_TYPE(obj)->tp_name);
   return THPVariable_Unpack(obj);
 }
 
 // The tensors of a list or tuple argument.
-std::vector<at::Tensor> tensor_list_arg(PyObject* obj, const char* name) {
+c10::List<at::Tensor> tensor_list_arg(PyObject* obj, const std::string& name) {
   TORCH_CHECK_TYPE(PyList_Check(obj) || PyTuple_Check(obj), name, ": expected a list of tensors, got ",
                    Py_TYPE(obj)->tp_name);
   const Py_ssize_t count = PySequence_Fast_GET_SIZE(obj);
   PyObject** items = PySequence_Fast_ITEMS(obj);
-  std::vector<at::Tensor> tensors;
+  c10::List<at::Tensor> tensors;
   tensors.reserve(count);
   for (Py_ssize_t i = 0; i < count; ++i) tensors.push_back(tensor_arg(items[i], name));
   return tensors;
 }
 
-// _C.accumulate_(acc, grad, host_offsets, host_lengths, chunk_starts, chunk_ends, segment_chunks,
-// chunk_segments, scale, zero_grad): the dynbatch_cpp::accumulate_ kernel called without the dispatcher's
-// boxed path from Python, whose host time is most of a micro-batch's accumulate on a small model. For
-// plain CPU tensors in eager mode only (the callers check), as is any direct kernel call.
-PyObject* accumulate_direct(PyObject* /*module*/, PyObject* args) {
-  HANDLE_TH_ERRORS
-  PyObject *acc, *grad, *table[6];
-  double scale;
-  int zero_grad;
-  if (!PyArg_ParseTuple(args, "OOOOOOOOdp", &acc, &grad, &table[0], &table[1], &table[2], &table[3],
-                        &table[4], &table[5], &scale, &zero_grad)) {
-    return nullptr;
+// One Python argument as the IValue of a schema argument (the kinds the dynbatch_cpp schemas use).
+c10::IValue schema_arg(PyObject* obj, const c10::Argument& arg) {
+  c10::TypePtr type = arg.type();
+  if (const auto optional = type->cast<c10::OptionalType>()) {
+    if (obj == Py_None) return c10::IValue();
+    type = optional->getElementType();
   }
-  const std::vector<at::Tensor> accs = tensor_list_arg(acc, "acc"), grads = tensor_list_arg(grad, "grad");
-  static const char* const names[6] = {"host_offsets", "host_lengths",   "chunk_starts",
-                                       "chunk_ends",   "segment_chunks", "chunk_segments"};
-  at::Tensor t[6];
-  for (int i = 0; i < 6; ++i) t[i] = tensor_arg(table[i], names[i]);
-  at::Tensor sums;
+  switch (type->kind()) {
+    case c10::TypeKind::TensorType:
+      return tensor_arg(obj, arg.name());
+    case c10::TypeKind::ListType:
+      return tensor_list_arg(obj, arg.name());
+    case c10::TypeKind::FloatType: {
+      const double value = PyFloat_AsDouble(obj);
+      if (value == -1.0 && PyErr_Occurred()) throw python_error();
+      return value;
+    }
+    case c10::TypeKind::IntType: {
+      const long long value = PyLong_AsLongLong(obj);
+      if (value == -1 && PyErr_Occurred()) throw python_error();
+      return static_cast<int64_t>(value);
+    }
+    case c10::TypeKind::BoolType:
+      TORCH_CHECK_TYPE(PyBool_Check(obj), arg.name(), ": expected a bool, got ", Py_TYPE(obj)->tp_name);
+      return obj == Py_True;
+    default:
+      TORCH_CHECK(false, arg.name(), ": argument type ", type->str(), " is not supported");
+  }
+}
+
+// The dynbatch_cpp operator called `name` (looked up once).
+const c10::OperatorHandle& cpp_operator(const char* name) {
+  static std::unordered_map<std::string, c10::OperatorHandle> found;
+  auto it = found.find(name);
+  if (it == found.end()) {
+    it = found.emplace(name, c10::Dispatcher::singleton().findSchemaOrThrow(name, "")).first;
+  }
+  return it->second;
+}
+
+// _C.call_cpu(name, *args): the CPU kernel of the operator `name` ("dynbatch_cpp::accumulate_") on args in
+// schema order (positional, every argument given), returning its tensor or None. The same kernel as
+// torch.ops.dynbatch_cpp.<op>(*args) without that call's Python argument handling, which costs about
+// 0.1 us per tensor of a list argument and is most of a small call's host time (the accumulator makes one
+// per micro-batch). For plain CPU tensors in eager mode (the callers: the dispatcher has already handled
+// any mode or subclass, or there is none), as is any direct kernel call.
+PyObject* call_cpu(PyObject* /*module*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  const Py_ssize_t count = PyTuple_GET_SIZE(args);
+  TORCH_CHECK_TYPE(count >= 1 && PyUnicode_Check(PyTuple_GET_ITEM(args, 0)),
+                   "call_cpu: expected an operator name first");
+  const char* name = PyUnicode_AsUTF8(PyTuple_GET_ITEM(args, 0));
+  if (name == nullptr) return nullptr;
+  const c10::OperatorHandle& op = cpp_operator(name);
+  const auto& params = op.schema().arguments();
+  TORCH_CHECK_TYPE(static_cast<size_t>(count - 1) == params.size(), name, ": expected ", params.size(),
+                   " arguments, got ", count - 1);
+  torch::jit::Stack stack;
+  stack.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i) stack.push_back(schema_arg(PyTuple_GET_ITEM(args, i + 1), params[i]));
   {
     pybind11::gil_scoped_release no_gil;
-    sums = dynbatch::accumulate_cpu(accs, grads, t[0], t[1], t[2], t[3], t[4], t[5], scale, zero_grad != 0);
+    op.redispatchBoxed(c10::DispatchKeySet(c10::DispatchKey::CPU), &stack);
   }
-  return THPVariable_Wrap(std::move(sums));
+  if (stack.empty()) Py_RETURN_NONE;
+  return THPVariable_Wrap(std::move(stack[0]).toTensor());
   END_HANDLE_TH_ERRORS
 }
 
 PyMethodDef methods[] = {
-    {"accumulate_", accumulate_direct, METH_VARARGS, "accumulate_'s CPU kernel, called directly"},
+    {"call_cpu", call_cpu, METH_VARARGS, "A dynbatch_cpp operator's CPU kernel, called without torch.ops"},
     {nullptr, nullptr, 0, nullptr},
 };
+
 
 }  // namespace
 

@@ -25,12 +25,25 @@ def _table(chunks: ChunkTable) -> tuple[torch.Tensor, ...]:
     )
 
 
+def _kernel(name: str):
+    """The CPU kernel of ``torch.ops.dynbatch_cpp.<name>``, taking the operator's arguments in order."""
+    qualified = f"dynbatch_cpp::{name}"
+    return lambda *args: _C.call_cpu(qualified, *args)
+
+
+_accumulate = _kernel("accumulate_")
+_extrapolate = _kernel("extrapolate_")
+_extrap_step = _kernel("extrap_step_")
+_segment_sq_norms = _kernel("segment_sq_norms")
+_lamb_update = _kernel("lamb_update_")
+_lamb_step = _kernel("lamb_step_")
+_lamb_apply = _kernel("lamb_apply_")
+
+
 def accumulate_(
     acc: list[torch.Tensor], grad: list[torch.Tensor], chunks: ChunkTable, scale: float, zero_grad: bool
 ) -> torch.Tensor:
-    """The kernel through ``_C.accumulate_``, its direct entry: the accumulator calls it once per
-    micro-batch, and the dispatcher's boxed call from Python took most of that call's host time."""
-    return _C.accumulate_(acc, grad, *_table(chunks), float(scale), bool(zero_grad))
+    return _accumulate(acc, grad, *_table(chunks), float(scale), bool(zero_grad))
 
 
 def extrapolate_(
@@ -41,7 +54,7 @@ def extrapolate_(
     chunks: ChunkTable,
     zero_direction: bool,
 ) -> None:
-    torch.ops.dynbatch_cpp.extrapolate_(params, saved, direction, hyper, *_table(chunks), zero_direction)
+    _extrapolate(params, saved, direction, hyper, *_table(chunks), bool(zero_direction))
 
 
 def extrap_step_(
@@ -53,13 +66,11 @@ def extrap_step_(
     chunks: ChunkTable,
     extrapolate_next: bool,
 ) -> None:
-    torch.ops.dynbatch_cpp.extrap_step_(
-        params, saved, grad, momentum, hyper, *_table(chunks), extrapolate_next
-    )
+    _extrap_step(params, saved, grad, momentum, hyper, *_table(chunks), bool(extrapolate_next))
 
 
 def segment_sq_norms(x: list[torch.Tensor], chunks: ChunkTable, scale: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.dynbatch_cpp.segment_sq_norms(x, *_table(chunks), scale)
+    return _segment_sq_norms(x, *_table(chunks), scale)
 
 
 def _pass1(op, *args) -> torch.Tensor:
@@ -83,12 +94,12 @@ def lamb_update_(
     found_inf: torch.Tensor | None,
 ) -> torch.Tensor:
     args = (param, grad, update, exp_avg, exp_avg_sq, master, step, hyper, chunks)
-    return _pass1(torch.ops.dynbatch_cpp.lamb_update_, *args, grad_sq_norm, inv_grad_scale, found_inf)
+    return _pass1(_lamb_update, *args, grad_sq_norm, inv_grad_scale, found_inf)
 
 
 def lamb_step_(*args) -> torch.Tensor:
     """Both passes in one C++ call; the arguments of :func:`lamb_update_`."""
-    return _pass1(torch.ops.dynbatch_cpp.lamb_step_, *args)
+    return _pass1(_lamb_step, *args)
 
 
 def lamb_apply_(
@@ -102,6 +113,4 @@ def lamb_apply_(
     grad_sq_norm: torch.Tensor | None,
     found_inf: torch.Tensor | None,
 ) -> None:
-    torch.ops.dynbatch_cpp.lamb_apply_(
-        param, update, master, step, hyper, stats, *_table(chunks), grad_sq_norm, found_inf
-    )
+    _lamb_apply(param, update, master, step, hyper, stats, *_table(chunks), grad_sq_norm, found_inf)

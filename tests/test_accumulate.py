@@ -200,22 +200,29 @@ def test_devices_differ():
 
 @pytest.mark.skipif(not cpp_available(), reason="extension not built")
 def test_direct_cpp_entry_checks_its_arguments():
-    """``_C.accumulate_``, the C++ kernel's entry without the dispatcher (the accumulator's per-micro-batch
-    call), raises Python's TypeError / ValueError naming the argument, writing nothing."""
+    """``_C.call_cpu``, the C++ kernels' entry without ``torch.ops`` (the C++ backend's every call), raises
+    Python's TypeError / ValueError naming the argument, writing nothing, and runs the kernel."""
     from dynbatch_kernels import _C, cpp
 
     table = ChunkTable.from_offsets(torch.tensor([0, 16, 48]), lengths=[5, 32])
     args = cpp._table(table)
     acc, grad = torch.zeros(48), torch.ones(48)
+    name = "dynbatch_cpp::accumulate_"
     with pytest.raises(TypeError, match="acc: expected a list of tensors"):
-        _C.accumulate_(acc, [grad], *args, 1.0, True)
+        _C.call_cpu(name, acc, [grad], *args, 1.0, True)
     with pytest.raises(TypeError, match=r"grad: expected a torch\.Tensor"):
-        _C.accumulate_([acc], [grad.tolist()], *args, 1.0, True)
+        _C.call_cpu(name, [acc], [grad.tolist()], *args, 1.0, True)
     with pytest.raises(TypeError, match=r"chunk_ends: expected a torch\.Tensor"):
-        _C.accumulate_([acc], [grad], *args[:3], None, *args[4:], 1.0, True)
+        _C.call_cpu(name, [acc], [grad], *args[:3], None, *args[4:], 1.0, True)
+    with pytest.raises(TypeError, match="zero_grad: expected a bool"):
+        _C.call_cpu(name, [acc], [grad], *args, 1.0, 1)
+    with pytest.raises(TypeError, match="expected 10 arguments, got 9"):
+        _C.call_cpu(name, [acc], [grad], *args, 1.0)
+    with pytest.raises(RuntimeError, match="dynbatch_cpp::no_such_op"):
+        _C.call_cpu("dynbatch_cpp::no_such_op")
     with pytest.raises(ValueError, match="grad: expected 2 tensors"):
-        _C.accumulate_([acc], [grad[:5]], *args, 1.0, True)
+        _C.call_cpu(name, [acc], [grad[:5]], *args, 1.0, True)
     assert not acc.any() and grad.eq(1).all()
-    sums = _C.accumulate_([acc], [grad[:5], grad[16:]], *args, 2.0, True)
+    sums = _C.call_cpu(name, [acc], [grad[:5], grad[16:]], *args, 2.0, True)
     assert acc[:5].eq(2).all() and not acc[5:16].any() and acc[16:].eq(2).all() and not grad[16:].any()
     torch.testing.assert_close(sums[:, ops.GRAD_SQ], torch.tensor([20.0, 128.0]))
