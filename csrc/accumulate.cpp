@@ -1,5 +1,6 @@
-// accumulate_: acc += scale * grad in one pass, with per-segment sums
-//   [acc_old . s*g, |s*g|^2, |acc_old|^2, |acc_new|^2], and grad optionally zeroed in the same pass.
+// accumulate_: acc += scale * grad in one pass (or out = acc + scale * grad, acc only read), with
+// per-segment sums [acc_old . s*g, |s*g|^2, |acc_old|^2, |acc_new|^2], and grad optionally zeroed in the
+// same pass.
 #include "chunks.h"
 #include "columns.h"
 
@@ -8,17 +9,19 @@ namespace {
 
 using namespace columns::acc;  // kDot, kGradSq, kOldSq, kNewSq, kNumSums
 
-// One chunk of n elements: the update and its four partial sums.
-template <typename grad_t, bool kZeroGrad>
-DYNBATCH_VECTORIZED void accumulate_chunk(float* __restrict acc, grad_t* __restrict grad, int64_t n,
-                                          float scale, float* __restrict out) {
+// One chunk of n elements: the update and its four partial sums. kOut: the sum goes to dst and src is
+// only read; else dst is read and written (src unused).
+template <typename grad_t, bool kZeroGrad, bool kOut>
+DYNBATCH_VECTORIZED void accumulate_chunk(float* __restrict dst, const float* __restrict src,
+                                          grad_t* __restrict grad, int64_t n, float scale,
+                                          float* __restrict out) {
   float dot = 0.f, gg = 0.f, aa = 0.f, nn = 0.f;
 #pragma omp simd reduction(+ : dot, gg, aa, nn)
   for (int64_t i = 0; i < n; ++i) {
-    const float a = acc[i];
+    const float a = kOut ? src[i] : dst[i];
     const float g = static_cast<float>(grad[i]) * scale;
     const float n_ = a + g;
-    acc[i] = n_;
+    dst[i] = n_;
     if constexpr (kZeroGrad) grad[i] = grad_t(0);
     dot += a * g;
     gg += g * g;
@@ -31,19 +34,22 @@ DYNBATCH_VECTORIZED void accumulate_chunk(float* __restrict acc, grad_t* __restr
   out[kNewSq] = nn;
 }
 
-template <typename grad_t, bool kZeroGrad>
-void accumulate_chunks(const Operand& acc, const Operand& grad, const Chunks& t, float* partials,
-                       float scale) {
+template <typename grad_t, bool kZeroGrad, bool kOut>
+void accumulate_chunks(const Operand& acc, const Operand& grad, const Operand& sum, const Chunks& t,
+                       float* partials, float scale) {
   at::parallel_for(0, t.num_chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       const int64_t seg = t.chunk_segments[c], lo = t.starts[c];
-      accumulate_chunk<grad_t, kZeroGrad>(acc.chunk<float>(seg, lo), grad.chunk<grad_t>(seg, lo),
-                                          t.ends[c] - lo, scale, partials + c * kNumSums);
+      float* dst = kOut ? sum.chunk<float>(seg, lo) : acc.chunk<float>(seg, lo);
+      const float* src = kOut ? acc.chunk<float>(seg, lo) : nullptr;
+      accumulate_chunk<grad_t, kZeroGrad, kOut>(dst, src, grad.chunk<grad_t>(seg, lo), t.ends[c] - lo, scale,
+                                                partials + c * kNumSums);
     }
   });
 }
 
-at::Tensor accumulate_cpu(at::TensorList acc_list, at::TensorList grad_list, const at::Tensor& host_offsets,
+at::Tensor accumulate_cpu(at::TensorList acc_list, at::TensorList grad_list,
+                          std::optional<at::TensorList> out_list, const at::Tensor& host_offsets,
                           const at::Tensor& host_lengths, const at::Tensor& chunk_starts,
                           const at::Tensor& chunk_ends, const at::Tensor& segment_chunks,
                           const at::Tensor& chunk_segments, double scale, bool zero_grad) {
@@ -51,10 +57,14 @@ at::Tensor accumulate_cpu(at::TensorList acc_list, at::TensorList grad_list, con
       check_chunks(host_offsets, host_lengths, chunk_starts, chunk_ends, segment_chunks, chunk_segments);
   const Operand acc = cpu_operand("acc", acc_list, table, at::kFloat);
   const Operand grad = cpu_operand("grad", grad_list, table);
+  const Operand sum = out_list ? cpu_operand("out", *out_list, table, at::kFloat) : Operand{};
+  const bool separate = out_list && sum.data != acc.data;
   auto partials = at::empty({table.num_chunks, kNumSums}, at::TensorOptions().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype_or(grad, at::kFloat), "accumulate_", [&] {
-    auto* run = zero_grad ? accumulate_chunks<scalar_t, true> : accumulate_chunks<scalar_t, false>;
-    run(acc, grad, table, partials.data_ptr<float>(), static_cast<float>(scale));
+    using run_t = void (*)(const Operand&, const Operand&, const Operand&, const Chunks&, float*, float);
+    const run_t runs[2][2] = {{accumulate_chunks<scalar_t, false, false>, accumulate_chunks<scalar_t, false, true>},
+                              {accumulate_chunks<scalar_t, true, false>, accumulate_chunks<scalar_t, true, true>}};
+    runs[zero_grad][separate](acc, grad, sum, table, partials.data_ptr<float>(), static_cast<float>(scale));
   });
   return reduce_chunks(partials, table);
 }

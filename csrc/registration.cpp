@@ -46,7 +46,7 @@ at::Tensor segment_addresses(at::TensorList tensors, const at::Tensor& host_offs
 }  // namespace dynbatch
 
 TORCH_LIBRARY(dynbatch_cpp, m) {
-  m.def("accumulate_(Tensor(a!)[] acc, Tensor(b!)[] grad, " DYNBATCH_TABLE
+  m.def("accumulate_(Tensor(a!)[] acc, Tensor(b!)[] grad, Tensor(c!)[]? out, " DYNBATCH_TABLE
         ", float scale, bool zero_grad) -> Tensor");
   m.def(
       "lamb_step_(Tensor(a!)[] param, Tensor[] grad, Tensor(b!)[] update, Tensor(c!)[] exp_avg, "

@@ -41,9 +41,14 @@ _lamb_apply = _kernel("lamb_apply_")
 
 
 def accumulate_(
-    acc: list[torch.Tensor], grad: list[torch.Tensor], chunks: ChunkTable, scale: float, zero_grad: bool
+    acc: list[torch.Tensor],
+    grad: list[torch.Tensor],
+    chunks: ChunkTable,
+    scale: float,
+    zero_grad: bool,
+    out: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    return _accumulate(acc, grad, *_table(chunks), float(scale), bool(zero_grad))
+    return _accumulate(acc, grad, out, *_table(chunks), float(scale), bool(zero_grad))
 
 
 def extrapolate_(

@@ -120,17 +120,23 @@ def segment_sum(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     return torch.segment_reduce(values.double(), "sum", offsets=offsets, axis=0)
 
 
-@compacted("acc", "grad")
+@compacted("acc", "grad", "out")
 def accumulate_(
-    acc: torch.Tensor, grad: torch.Tensor, chunks: ChunkTable, scale: float, zero_grad: bool
+    acc: torch.Tensor,
+    grad: torch.Tensor,
+    chunks: ChunkTable,
+    scale: float,
+    zero_grad: bool,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``acc += s*g``; per segment ``[acc_old.(s*g), |s*g|^2, |acc_old|^2, |acc_new|^2]`` (float32)."""
+    """``acc += s*g`` (or ``out = acc + s*g``); per segment ``[acc_old.(s*g), |s*g|^2, |acc_old|^2,
+    |acc_new|^2]`` (float32)."""
     old = acc.double()
     step = grad.double() * scale
     new = old + step
     terms = torch.stack([old * step, step * step, old * old, new * new], dim=1)
     sums = segment_sum(terms, chunks.offsets)
-    acc.copy_(new)
+    (acc if out is None else out).copy_(new)
     if zero_grad:
         grad.zero_()
     return sums.to(torch.float32)

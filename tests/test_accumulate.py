@@ -157,6 +157,46 @@ def test_compiles_without_graph_break():
     torch.testing.assert_close(inductor(acc.clone(), grad), eager)
 
 
+@pytest.mark.parametrize("backend", backend_cases(), indirect=True)
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["padded", "scattered"])
+def test_out_keeps_acc_and_equals_the_in_place_pass(backend, grad_dtype, layout):
+    """``out=``: the sum goes to ``out`` (NaN-poisoned before: every segment element written, padding not
+    touched), bit for bit what the in-place pass leaves in ``acc``, with the same sums; ``acc`` is only
+    read; ``grad`` is zeroed alike. ``out=acc`` is the in-place pass."""
+    gen = torch.Generator().manual_seed(23)
+    lengths = random_offsets(37, 29, gen).diff()
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), (-(-lengths // 16) * 16).cumsum(0)])
+    table = ChunkTable.from_offsets(offsets, lengths=lengths.tolist(), device=backend, chunk_size=32)
+    n = int(offsets[-1])
+    acc = torch.randn(n, generator=gen).to(backend)
+    grad = torch.randn(n, generator=gen).to(device=backend, dtype=grad_dtype)
+    in_place, in_place_grad = acc.clone(), grad.clone()
+    out = torch.full((n,), float("nan"), device=backend)
+    if layout == "scattered":
+        pieces = [out[lo : lo + k] for lo, k in zip(offsets[:-1].tolist(), lengths.tolist())]
+        target: torch.Tensor | list[torch.Tensor] = pieces
+    else:
+        target = out
+    before = acc.clone()
+    expected_sums = ops.accumulate_(
+        in_place, in_place_grad, table.offsets, scale=3.0, zero_grad=True, chunks=table
+    )
+    sums = ops.accumulate_(acc, grad, table.offsets, scale=3.0, zero_grad=True, chunks=table, out=target)
+    torch.testing.assert_close(sums, expected_sums, rtol=0, atol=0)
+    used = torch.zeros(n, dtype=torch.bool)
+    for lo, k in zip(offsets[:-1].tolist(), lengths.tolist()):
+        used[lo : lo + k] = True
+    used = used.to(backend)
+    assert torch.equal(acc, before) and not grad[used].any()
+    assert torch.equal(out[used], in_place[used]) and out[~used].isnan().all()
+    again = acc.clone()
+    ops.accumulate_(again, in_place_grad.clone().fill_(1), table.offsets, chunks=table, out=again)
+    torch.testing.assert_close(again[used], acc[used] + 1)
+    with pytest.raises(ValueError, match="out"):
+        ops.accumulate_(acc, grad, table.offsets, chunks=table, out=torch.zeros(n - 1, device=backend))
+
+
 def _bad_inputs():
     n = 64
     ok = dict(acc=torch.zeros(n), grad=torch.ones(n), offsets=torch.tensor([0, 10, n]))
@@ -209,20 +249,20 @@ def test_direct_cpp_entry_checks_its_arguments():
     acc, grad = torch.zeros(48), torch.ones(48)
     name = "dynbatch_cpp::accumulate_"
     with pytest.raises(TypeError, match="acc: expected a list of tensors"):
-        _C.call_cpu(name, acc, [grad], *args, 1.0, True)
+        _C.call_cpu(name, acc, [grad], None, *args, 1.0, True)
     with pytest.raises(TypeError, match=r"grad: expected a torch\.Tensor"):
-        _C.call_cpu(name, [acc], [grad.tolist()], *args, 1.0, True)
+        _C.call_cpu(name, [acc], [grad.tolist()], None, *args, 1.0, True)
     with pytest.raises(TypeError, match=r"chunk_ends: expected a torch\.Tensor"):
-        _C.call_cpu(name, [acc], [grad], *args[:3], None, *args[4:], 1.0, True)
+        _C.call_cpu(name, [acc], [grad], None, *args[:3], None, *args[4:], 1.0, True)
     with pytest.raises(TypeError, match="zero_grad: expected a bool"):
-        _C.call_cpu(name, [acc], [grad], *args, 1.0, 1)
-    with pytest.raises(TypeError, match="expected 10 arguments, got 9"):
-        _C.call_cpu(name, [acc], [grad], *args, 1.0)
+        _C.call_cpu(name, [acc], [grad], None, *args, 1.0, 1)
+    with pytest.raises(TypeError, match="expected 11 arguments, got 10"):
+        _C.call_cpu(name, [acc], [grad], None, *args, 1.0)
     with pytest.raises(RuntimeError, match="dynbatch_cpp::no_such_op"):
         _C.call_cpu("dynbatch_cpp::no_such_op")
     with pytest.raises(ValueError, match="grad: expected 2 tensors"):
-        _C.call_cpu(name, [acc], [grad[:5]], *args, 1.0, True)
+        _C.call_cpu(name, [acc], [grad[:5]], None, *args, 1.0, True)
     assert not acc.any() and grad.eq(1).all()
-    sums = _C.call_cpu(name, [acc], [grad[:5], grad[16:]], *args, 2.0, True)
+    sums = _C.call_cpu(name, [acc], [grad[:5], grad[16:]], None, *args, 2.0, True)
     assert acc[:5].eq(2).all() and not acc[5:16].any() and acc[16:].eq(2).all() and not grad[16:].any()
     torch.testing.assert_close(sums[:, ops.GRAD_SQ], torch.tensor([20.0, 128.0]))

@@ -39,7 +39,7 @@ def op_cases(device: str = "cpu") -> dict[str, tuple]:
     args = table.op_args()
     m, v = flat(), [flat()[0].abs()]
     return {
-        "accumulate_": (flat(), per_segment(torch.bfloat16), *args, 0.5, True),
+        "accumulate_": (flat(), per_segment(torch.bfloat16), flat(), *args, 0.5, True),  # out= given
         "extrapolate_": (flat(), flat(), flat(), extrap, *args, True),
         "extrap_step_": (flat(), flat(), flat(), flat(), extrap, *args, True),
         "segment_sq_norms": (flat(torch.float16), *args, scalar(0.25)),
@@ -88,8 +88,8 @@ def fake_calls(mode: FakeTensorMode) -> dict[str, object]:
         return mode.from_tensor(arg) if isinstance(arg, torch.Tensor) else arg
 
     fake = {name: [to_fake(a) for a in args] for name, args in real.items()}
-    table = ChunkTable.from_op_args(*real["accumulate_"][2:4])
-    chunks = ChunkTable.from_op_args(*fake["accumulate_"][2:4])
+    table = ChunkTable.from_op_args(*real["accumulate_"][3:5])
+    chunks = ChunkTable.from_op_args(*fake["accumulate_"][3:5])
     offsets = chunks.offsets
     with mode:
         (acc,), grad = fake["accumulate_"][:2]

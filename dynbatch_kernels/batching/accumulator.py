@@ -12,12 +12,12 @@ The user's loop (any ``torch.optim`` optimizer, any LR scheduler)::
                 scheduler.step()                               # a dropped step advances nothing
 
 Buffers, per (device, dtype) buffer of the layout (see :mod:`~dynbatch_kernels.batching.grads`: ``G`` =
-the flat gradient the ``p.grad`` views live in, ``A`` = a float32 sum, ``A'`` = its backup):
+the flat gradient the ``p.grad`` views live in, ``A`` = a float32 sum, ``A'`` = its spare):
 
-- **per micro-batch** (``n_k`` samples, loss a mean): ``A' <- A`` (skipped for the first micro-batch of a
-  step, where ``A = 0``), then one fused pass ``A += n_k * G; G <- 0`` with the per-segment sums
-  (:func:`~dynbatch_kernels.ops.accumulate_`). ``A`` holds the sum of per-sample gradients (times the
-  loss scale under a GradScaler). Bytes per float32 element: 16 for the fused pass + 8 for the backup.
+- **per micro-batch** (``n_k`` samples, loss a mean): one fused pass ``A' = A + n_k * G; G <- 0`` with the
+  per-segment sums (:func:`~dynbatch_kernels.ops.accumulate_` with ``out=A'``; in place into ``A = 0``
+  for the step's first micro-batch); accepting the micro-batch swaps ``A`` and ``A'``. ``A`` holds the sum
+  of per-sample gradients (times the loss scale under a GradScaler). Bytes per float32 element: 16.
   Gradients that are not ``G``'s views (after ``zero_grad(set_to_none=True)``, say) cost one copy each.
 - **per step**: ``p.grad`` get the averaged gradient ``A * c / (N * S)`` (``N = sum n_k``, ``S`` the loss
   scale or 1, ``c = min(1, max_grad_norm / (|A| / (N * S) + 1e-6))`` the clip factor, ``|A|^2`` the last
@@ -30,10 +30,10 @@ the flat gradient the ``p.grad`` views live in, ``A`` = a float32 sum, ``A'`` = 
   bfloat16/float16 gradients: ``G <- A * c / (N * S)``, ``A <- 0``, the step, ``G <- 0``.
 
 **Non-finite gradients** are found from the sums (a non-finite ``GRAD_SQ`` or ``ACC_NEW_SQ``): the
-micro-batch is dropped with a warning and counted in the record, and ``A`` is restored exactly from ``A'``
-(or zeroed when it was the step's first). A roll-back by subtraction cannot be exact (``inf - inf``,
-rounding), and a finiteness pre-check would need a host decision before the pass. Under a GradScaler such
-a step also backs the scale off (see :mod:`~dynbatch_kernels.batching.amp`).
+micro-batch is dropped with a warning and counted in the record, and ``A`` stays exactly as it was (the
+pass only read it; zeroed when it was the step's first). A roll-back by subtraction cannot be exact
+(``inf - inf``, rounding), and a finiteness pre-check would need a host decision before the pass. Under
+a GradScaler such a step also backs the scale off (see :mod:`~dynbatch_kernels.batching.amp`).
 
 **Under DDP** (``model=`` a ``DistributedDataParallel`` module) the accumulator owns the communication
 (:mod:`~dynbatch_kernels.batching.distributed`): per micro-batch one all-reduce of the sums, counts and
@@ -474,8 +474,6 @@ class GradientAccumulator:
         lagged = self.read_lag == 1
         if math.isnan(self._scale):  # the step's first micro-batch under a scaler
             self._host_scalars[1].copy_(amp.loss_scale(self.scaler), non_blocking=lagged)
-        if not self._acc_empty:
-            self._buffers.launch_backup()
         if self._shards is not None:
             self._pending = self._launch_sharded(samples, _loss_value(loss), fresh)
         elif self._ddp is None:
@@ -491,7 +489,7 @@ class GradientAccumulator:
         """One process: the fused pass, the sums (and a tensor loss) read now or copied for a lagged read."""
         buffers = self._buffers
         sums: list[list[float]] | None = None if lagged else []
-        for part, rows in zip(buffers.accumulate(float(samples)), self._host_rows):
+        for part, rows in zip(buffers.accumulate(float(samples), self._acc_empty), self._host_rows):
             if lagged:
                 rows.copy_(part, non_blocking=True)
             else:
@@ -512,9 +510,9 @@ class GradientAccumulator:
         ddp, buffers = self._ddp, self._buffers
         if ddp.exact:
             weighted = ddp.reduce_gradient([b.grad for b in buffers.layout.buffers], samples)
-            parts = buffers.accumulate(1.0)
+            parts = buffers.accumulate(1.0, self._acc_empty)
         else:
-            parts = buffers.accumulate(float(samples))
+            parts = buffers.accumulate(float(samples), self._acc_empty)
             weighted = ddp.local_weighted(parts, samples)
         fresh_set = set(fresh)
         present = torch.tensor([float(index in fresh_set) for index in self._segments])
@@ -525,13 +523,13 @@ class GradientAccumulator:
     def _launch_sharded(self, samples: int, loss: float, fresh: list[Index]) -> _Pending:
         """Under FSDP2: the fused pass ``A += R n G`` on the shards, then one reduction; everything after it
         is global, as for one process on the ranks' micro-batches concatenated."""
-        parts = self._buffers.accumulate(float(samples * self._shards.world_size))
+        parts = self._buffers.accumulate(float(samples * self._shards.world_size), self._acc_empty)
         fresh_set = set(fresh)
         present = torch.tensor([float(index in fresh_set) for index in self._segments])
         try:
             sums, counts, total, loss = self._shards.reduce_sums(parts, present, samples, loss)
         except ValueError:  # refused on every rank: the micro-batch leaves no trace in A
-            self._buffers.roll_back(self._acc_empty)
+            self._buffers.roll_back()
             raise
         fresh = [index for index, count in zip(self._segments, counts) if count > 0]
         return _Pending(total, sums, loss, False, self._acc_empty, fresh, [])
@@ -556,7 +554,7 @@ class GradientAccumulator:
             sums = [[x * unscale for x in row] for row in sums]
         total = column_sums(sums)
         if not (math.isfinite(total[ops.GRAD_SQ]) and math.isfinite(total[ops.ACC_NEW_SQ])):
-            self._buffers.roll_back(pending.from_zero)
+            self._buffers.roll_back()
             self._acc_empty = pending.from_zero
             self._nonfinite += 1
             logger.warning(

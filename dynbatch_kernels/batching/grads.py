@@ -1,7 +1,9 @@
 """The accumulator's buffers over a :class:`~dynbatch_kernels.FlatLayout`, and what it does to ``p.grad``.
 
 Per layout buffer: ``G`` (the buffer's ``.grad``, where micro-batch gradients are gathered), the float32
-sum ``A`` and its backup ``A'`` (allocated at the first micro-batch that needs it).
+sum ``A`` and its spare ``A'`` (allocated at the first micro-batch that needs it). A micro-batch after the
+step's first writes ``A + s G`` into ``A'`` and leaves ``A`` as it was: accepting it swaps the two, dropping
+it (a non-finite gradient) keeps ``A``, exactly and without a backup copy.
 
 ``p.grad`` across micro-batches: after each micro-batch every non-None ``p.grad`` is pointed at its
 (zeroed) segment view of ``G`` so the next backward writes straight into it (the fast path: nothing to
@@ -49,7 +51,8 @@ class StepBuffers:
             check_same("grad", b.grad, "acc", acc)
             table_for(b.offsets, [("acc", acc, [acc]), ("grad", b.grad, [b.grad])], b.chunks)
         self._kernels = [backend_module(b.device).accumulate_ for b in buffers]
-        self.backup: list[torch.Tensor] = []
+        self.spare: list[torch.Tensor] = []
+        self._in_spare = False  # the last fused pass wrote into the spares: A still holds the sum before it
         self.hits: list[torch.Tensor] = []  # parameters reached by a backward since the last gather
         self.hooks = [
             p.register_post_accumulate_grad_hook(self.hits.append) for p in layout.params if p.requires_grad
@@ -57,7 +60,8 @@ class StepBuffers:
         self.trainable = tuple(p.requires_grad for p in layout.params)
         self._grads = [b.grad for b in buffers]  # the G each view list belongs to
         self._views = [b.segment_views(b.grad) for b in buffers]
-        self._acc_views: list[list[torch.Tensor] | None] = [None] * len(buffers)  # A's, once swapped
+        # the segment views of G, A and the spare, by storage: the three trade roles
+        self._known_views: list[dict[int, list[torch.Tensor]]] = [{} for _ in buffers]
         self._bound: list[list[torch.Tensor | None]] = [[None] * b.num_segments for b in buffers]
         self.present = [[False] * b.num_segments for b in buffers]
         self.missing = len(layout.params)  # parameters not (yet) present in this step
@@ -126,35 +130,38 @@ class StepBuffers:
                     g.zero_()
         return operand
 
-    def accumulate(self, scale: float) -> list[torch.Tensor]:
-        """The fused pass :func:`~dynbatch_kernels.ops.accumulate_` on every buffer, ``A += scale * G;
-        G <- 0``, straight into the backend chosen at construction (the op's per-call checks and dispatch
-        cost more host time than the pass on a small model); returns each buffer's ``[S_b, 4]`` sums. With
-        :attr:`in_place`, ``G``'s segments whose gradient arrived elsewhere are read (and zeroed) there.
+    def accumulate(self, scale: float, from_zero: bool) -> list[torch.Tensor]:
+        """The fused pass :func:`~dynbatch_kernels.ops.accumulate_` on every buffer, ``A + scale * G`` and
+        ``G <- 0``, straight into the backend chosen at construction (the op's per-call checks and dispatch
+        cost more host time than the pass on a small model); returns each buffer's ``[S_b, 4]`` sums. The
+        sum goes into ``A`` when it is the step's first (``from_zero``: ``A = 0``), else into the spare
+        ``A'`` (:meth:`commit` swaps them, :meth:`roll_back` keeps ``A``). With :attr:`in_place`, ``G``'s
+        segments whose gradient arrived elsewhere are read (and zeroed) there.
         """
+        if not from_zero and not self.spare:
+            self.spare = [torch.zeros_like(a) for a in self.acc]  # zero padding: never written
         sums = []
         for b, (kernel, acc, buf) in enumerate(zip(self._kernels, self.acc, self.layout.buffers)):
-            sums.append(kernel([acc], self._operands[b] or [buf.grad], buf.chunks, scale, True))
+            out = None if from_zero else [self.spare[b]]
+            sums.append(kernel([acc], self._operands[b] or [buf.grad], buf.chunks, scale, True, out))
             self._operands[b] = None
+        self._in_spare = not from_zero
         return sums
 
-    def launch_backup(self) -> None:
-        """``A' <- A`` before a fused pass, so that the micro-batch can be rolled back exactly."""
-        if not self.backup:
-            self.backup = [torch.empty_like(a) for a in self.acc]
-        for acc, backup in zip(self.acc, self.backup):
-            backup.copy_(acc)
-
-    def roll_back(self, from_zero: bool) -> None:
-        """Undo the last fused pass: ``A <- A'`` (``A <- 0`` when it was the step's first)."""
-        for b, acc in enumerate(self.acc):
-            if from_zero:
+    def roll_back(self) -> None:
+        """Undo the last fused pass: ``A`` as it was before (zeroed when that pass was the step's first;
+        else it was never written)."""
+        if not self._in_spare:
+            for acc in self.acc:
                 acc.zero_()
-            else:
-                acc.copy_(self.backup[b])
+        self._in_spare = False
 
     def commit(self, fresh: list[Index]) -> None:
-        """Mark the parameters of an accepted micro-batch as taking part in the step."""
+        """Accept the last fused pass (its sum becomes ``A``) and mark the parameters of its micro-batch
+        as taking part in the step."""
+        if self._in_spare:
+            self.acc, self.spare = self.spare, self.acc
+            self._in_spare = False
         for b, j in fresh:
             if not self.present[b][j]:
                 self.present[b][j] = True
@@ -178,8 +185,10 @@ class StepBuffers:
             if buf.grad.dtype == torch.float32:
                 if scale is not None and scale != 1.0:
                     acc.mul_(scale)
-                views = self._acc_views[b] or buf.segment_views(acc)
-                self._acc_views[b], self._views[b] = self._views[b], views
+                known = self._known_views[b]
+                known[self._grads[b].data_ptr()] = self._views[b]
+                views = known.get(acc.data_ptr()) or known.setdefault(acc.data_ptr(), buf.segment_views(acc))
+                self._views[b] = views
                 self.acc[b], buf.grad = buf.grad, acc
                 self._grads[b] = acc
             else:

@@ -1,4 +1,5 @@
-"""Triton accumulate_: ``acc += s*g`` with the per-segment angle sums, in one pass over the operands."""
+"""Triton accumulate_: ``acc += s*g`` (or ``out = acc + s*g``) with the per-segment angle sums, in one pass
+over the operands."""
 
 from __future__ import annotations
 
@@ -25,14 +26,15 @@ NUM_SUMS = tl.constexpr(columns.NUM_ACC_SUMS)
 
 
 @triton.jit
-def _accumulate_block(acc, grad, offs, count, scale, ZERO_GRAD: tl.constexpr):
-    """``acc += scale * grad`` at chunk offsets ``offs < count``; the elementwise terms of the four sums."""
+def _accumulate_block(acc, out, grad, offs, count, scale, ZERO_GRAD: tl.constexpr):
+    """``out = acc + scale * grad`` at chunk offsets ``offs < count`` (``out`` may be ``acc``); the
+    elementwise terms of the four sums."""
     mask = offs < count
     old = tl.load(acc + offs, mask=mask, other=0.0).to(tl.float32)
     raw = tl.load(grad + offs, mask=mask, other=0.0)
     g = raw.to(tl.float32) * scale
     new = old + g
-    tl.store(acc + offs, new.to(acc.dtype.element_ty), mask=mask)
+    tl.store(out + offs, new.to(out.dtype.element_ty), mask=mask)
     if ZERO_GRAD:
         tl.store(grad + offs, tl.zeros_like(raw), mask=mask)
     return old * g, g * g, old * old, new * new
@@ -42,6 +44,7 @@ def _accumulate_block(acc, grad, offs, count, scale, ZERO_GRAD: tl.constexpr):
 def _accumulate_kernel(
     acc_table,
     grad_table,
+    out_table,
     starts_ptr,
     ends_ptr,
     body_ends_ptr,
@@ -60,12 +63,13 @@ def _accumulate_kernel(
     start, body, count = chunk_extent(starts_ptr, ends_ptr, body_ends_ptr, chunk, ALIGNED)
     acc = chunk_pointer(acc_table, seg, start, ACC_DTYPE, ALIGNED)
     grad = chunk_pointer(grad_table, seg, start, GRAD_DTYPE, ALIGNED)
+    out = chunk_pointer(out_table, seg, start, ACC_DTYPE, ALIGNED)
     dot = tl.zeros([BLOCK], dtype=tl.float32)
     gg = tl.zeros([BLOCK], dtype=tl.float32)
     aa = tl.zeros([BLOCK], dtype=tl.float32)
     nn = tl.zeros([BLOCK], dtype=tl.float32)
     for step in range(0, CHUNK, BLOCK):
-        terms = _accumulate_block(acc, grad, step + tl.arange(0, BLOCK), body, scale, ZERO_GRAD)
+        terms = _accumulate_block(acc, out, grad, step + tl.arange(0, BLOCK), body, scale, ZERO_GRAD)
         dot += terms[0]
         gg += terms[1]
         aa += terms[2]
@@ -75,23 +79,28 @@ def _accumulate_kernel(
     aa_sum = tl.sum(aa, axis=0)
     nn_sum = tl.sum(nn, axis=0)
     if ALIGNED:  # the tail after the vector body, under ALIGN elements
-        terms = _accumulate_block(acc, grad, body + tl.arange(0, TAIL), count, scale, ZERO_GRAD)
+        terms = _accumulate_block(acc, out, grad, body + tl.arange(0, TAIL), count, scale, ZERO_GRAD)
         dot_sum += tl.sum(terms[0], axis=0)
         gg_sum += tl.sum(terms[1], axis=0)
         aa_sum += tl.sum(terms[2], axis=0)
         nn_sum += tl.sum(terms[3], axis=0)
-    out = partials_ptr + chunk * NUM_SUMS
-    tl.store(out + DOT, dot_sum)
-    tl.store(out + GG, gg_sum)
-    tl.store(out + AA, aa_sum)
-    tl.store(out + NN, nn_sum)
+    row = partials_ptr + chunk * NUM_SUMS
+    tl.store(row + DOT, dot_sum)
+    tl.store(row + GG, gg_sum)
+    tl.store(row + AA, aa_sum)
+    tl.store(row + NN, nn_sum)
 
 
 @on_device_of_first
 def accumulate_(
-    acc: list[torch.Tensor], grad: list[torch.Tensor], chunks: ChunkTable, scale: float, zero_grad: bool
+    acc: list[torch.Tensor],
+    grad: list[torch.Tensor],
+    chunks: ChunkTable,
+    scale: float,
+    zero_grad: bool,
+    out: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    tables, dtypes, aligned = operand_args(chunks, ("acc", acc), ("grad", grad))
+    tables, dtypes, aligned = operand_args(chunks, ("acc", acc), ("grad", grad), ("out", out or acc))
     device = chunks.starts.device
     partials = torch.empty(chunks.num_chunks, columns.NUM_ACC_SUMS, dtype=torch.float32, device=device)
     if chunks.num_chunks:
