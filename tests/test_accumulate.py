@@ -193,8 +193,13 @@ def test_out_keeps_acc_and_equals_the_in_place_pass(backend, grad_dtype, layout)
     again = acc.clone()
     ops.accumulate_(again, in_place_grad.clone().fill_(1), table.offsets, chunks=table, out=again)
     torch.testing.assert_close(again[used], acc[used] + 1)
-    with pytest.raises(ValueError, match="out"):
-        ops.accumulate_(acc, grad, table.offsets, chunks=table, out=torch.zeros(n - 1, device=backend))
+    for bad in (
+        torch.zeros(n - 1, device=backend),
+        [],
+        grad.float() if grad_dtype == torch.float32 else out[1:],
+    ):
+        with pytest.raises(ValueError, match="out"):
+            ops.accumulate_(acc, grad, table.offsets, chunks=table, out=bad)
 
 
 def _bad_inputs():

@@ -469,8 +469,8 @@ class GradientAccumulator:
         self._estimates: tuple[float, float] | None = None
 
     def _launch(self, samples: int, loss: torch.Tensor | float | None, fresh: list[Index]) -> None:
-        """Back up ``A``, run the fused pass on every buffer and start the sums' trip to the host (under DDP:
-        their reduction)."""
+        """Run the fused pass on every buffer (into the spare ``A'`` unless ``A = 0``: see
+        :meth:`StepBuffers.accumulate`) and start the sums' trip to the host (under DDP: their reduction)."""
         lagged = self.read_lag == 1
         if math.isnan(self._scale):  # the step's first micro-batch under a scaler
             self._host_scalars[1].copy_(amp.loss_scale(self.scaler), non_blocking=lagged)
@@ -521,7 +521,7 @@ class GradientAccumulator:
         return _Pending(total, sums, loss, False, self._acc_empty, fresh, [], weighted, ddp.world_size)
 
     def _launch_sharded(self, samples: int, loss: float, fresh: list[Index]) -> _Pending:
-        """Under FSDP2: the fused pass ``A += R n G`` on the shards, then one reduction; everything after it
+        """Under FSDP2: the fused pass ``A + R n G`` on the shards, then one reduction; everything after it
         is global, as for one process on the ranks' micro-batches concatenated."""
         parts = self._buffers.accumulate(float(samples * self._shards.world_size), self._acc_empty)
         fresh_set = set(fresh)

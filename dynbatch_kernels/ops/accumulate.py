@@ -51,6 +51,8 @@ def accumulate_(
     named = [("acc", acc, acc_op), ("grad", grad, grad_op)]
     out_op: list[torch.Tensor] = []
     if out is not None and out is not acc:
+        if isinstance(out, (list, tuple)) and not out:
+            raise ValueError("out: expected a flat buffer or one tensor per segment, got an empty list")
         out_op = as_operand("out", out, (torch.float32,))
         named.append(("out", out, out_op))
     check_disjoint(*((name, value) for name, value, _ in named))
