@@ -89,7 +89,7 @@ def _element_loops(aligned: bool) -> list[Variant]:
                 Variant(
                     f"accumulate grad={dtype}",
                     accumulate._accumulate_kernel,
-                    {**types, **_CHUNKS, "partials_ptr": "*fp32", "scale": "fp32"},
+                    {**types, "out_table": "*i64", **_CHUNKS, "partials_ptr": "*fp32", "scale": "fp32"},
                     {**dtypes, "ZERO_GRAD": flag, **tiling, "BLOCK": accumulate.BLOCK},
                     accumulate.NUM_WARPS,
                 )
