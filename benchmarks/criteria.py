@@ -1,12 +1,14 @@
 """The ratios the kernel issues ask for, timed side by side in rounds: ``python -m benchmarks.criteria``.
 
-Per round, every provider once, in turn (so a slow phase of the machine hits all of them); medians over
-rounds. Prints, for 2^24 elements and the BERT-base layout, the plain ``accumulate_`` call (no
-``chunks=``) and its scattered-gradient form against a bare ``acc.add_(grad)``; for BERT-base and 2,000
-small tensors, FusedLAMB on a bound layout (flat), FusedLAMB reading separate tensors in place
-(scattered) and ``AdamW(fused=True)``; for BERT-base, ``lamb_step_`` on separate tensors with ``u`` kept in
-a private ``update=`` buffer (as FusedLAMB does) against ``u`` written over the gradients: the cost of the
-write-allocate reads of the separate buffer on a CPU.
+Per round, every provider once, in turn (so a slow phase of the machine hits all of them). Times are
+medians over rounds; each ratio is the median of its per-round ratios (paired: a slow phase slows both
+sides of a round alike), with the quartiles of those ratios in brackets. Prints, for 2^24 elements and
+the BERT-base layout, the plain ``accumulate_`` call (no ``chunks=``) and its scattered-gradient form
+against a bare ``acc.add_(grad)``; for BERT-base and 2,000 small tensors, FusedLAMB on a bound layout
+(flat), FusedLAMB reading separate tensors in place (scattered) and ``AdamW(fused=True)``; for
+BERT-base, ``lamb_step_`` on separate tensors with ``u`` kept in a private ``update=`` buffer (as
+FusedLAMB does) against ``u`` written over the gradients: the cost of the write-allocate reads of the
+separate buffer on a CPU.
 """
 
 from __future__ import annotations
@@ -24,8 +26,22 @@ from dynbatch_kernels.optim import FusedLAMB
 ROUNDS = 25
 
 
-def rounds(providers: dict[str, Callable[[], object]], count: int = ROUNDS) -> dict[str, float]:
-    """Median milliseconds per provider over ``count`` interleaved rounds (after one warm-up round)."""
+class Timings(dict):
+    """Milliseconds per provider, one entry per round: ``t[name]`` is the median, :meth:`ratio` paired."""
+
+    def __init__(self, per_round: dict[str, list[float]]):
+        super().__init__((name, statistics.median(ts)) for name, ts in per_round.items())
+        self.per_round = per_round
+
+    def ratio(self, num: str, den: str) -> str:
+        """``num / den``: the median of the per-round ratios, and their quartiles."""
+        ratios = [a / b for a, b in zip(self.per_round[num], self.per_round[den])]
+        q1, median, q3 = statistics.quantiles(ratios, n=4)
+        return f"{median:.3f} [{q1:.3f}-{q3:.3f}]"
+
+
+def rounds(providers: dict[str, Callable[[], object]], count: int = ROUNDS) -> Timings:
+    """Milliseconds per provider over ``count`` interleaved rounds (after one warm-up round)."""
     times: dict[str, list[float]] = {name: [] for name in providers}
     for r in range(count + 1):
         for name, fn in providers.items():
@@ -33,7 +49,7 @@ def rounds(providers: dict[str, Callable[[], object]], count: int = ROUNDS) -> d
             fn()
             if r:
                 times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return Timings(times)
 
 
 def accumulate_case(offsets: torch.Tensor) -> dict[str, float]:
@@ -89,7 +105,10 @@ def update_buffer_case(shapes: list[tuple[int, ...]]) -> dict[str, float]:
 
 
 def main() -> None:
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {ROUNDS} rounds, medians in ms")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {ROUNDS} rounds, medians in ms; "
+        "ratios: median of the per-round ratios [quartiles]"
+    )
     for name, offsets in (
         ("2^24", torch.tensor([0, 1 << 24])),
         ("bert-base", offsets_for(bert_base_shapes())),
@@ -97,20 +116,20 @@ def main() -> None:
         t = accumulate_case(offsets)
         print(f"accumulate {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in t.items()))
         print(
-            f"  plain / bare {t['plain call'] / t['bare add_']:.3f}, scattered / bare "
-            f"{t['scattered grads'] / t['bare add_']:.3f}"
+            f"  plain / bare {t.ratio('plain call', 'bare add_')}, scattered / bare "
+            f"{t.ratio('scattered grads', 'bare add_')}"
         )
     for name, shapes in (("bert-base", bert_base_shapes()), ("2000-small", many_small_shapes())):
         t = lamb_case(shapes)
         print(f"lamb {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in t.items()))
         print(
-            f"  scattered / flat {t['FusedLAMB scattered'] / t['FusedLAMB flat']:.3f}; AdamW / flat "
-            f"{t['AdamW(fused)'] / t['FusedLAMB flat']:.3f}, AdamW / scattered "
-            f"{t['AdamW(fused)'] / t['FusedLAMB scattered']:.3f}"
+            f"  scattered / flat {t.ratio('FusedLAMB scattered', 'FusedLAMB flat')}; AdamW / flat "
+            f"{t.ratio('AdamW(fused)', 'FusedLAMB flat')}, AdamW / scattered "
+            f"{t.ratio('AdamW(fused)', 'FusedLAMB scattered')}"
         )
     t = update_buffer_case(bert_base_shapes())
     print("lamb_step_ bert-base: " + ", ".join(f"{k} {v:.2f}" for k, v in t.items()))
-    print(f"  separate / over the gradients {t['separate update'] / t['u over the gradients']:.3f}")
+    print(f"  separate / over the gradients {t.ratio('separate update', 'u over the gradients')}")
 
 
 if __name__ == "__main__":
