@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dynbatch_kernels import FlatLayout
+from dynbatch_kernels.available import cpp_available
 from dynbatch_kernels.optim import ExtrapSGD, FusedLAMB
 
 MAKERS = {
@@ -585,3 +586,20 @@ def test_a_tensor_listed_twice_in_a_group_warns_like_torch_and_is_optimized_once
 def test_a_multi_element_tensor_lr_is_a_value_error_like_torch(make):
     with pytest.raises(ValueError, match="lr: expected a 1-element tensor"):
         make([{"params": list(mlp().parameters()), "lr": torch.tensor([0.1, 0.2])}])
+
+
+@pytest.mark.skipif(not cpp_available(), reason="extension not built")
+def test_tensor_marks_in_cpp_equal_pythons():
+    """The optimizers' per-step scan ``(p.data_ptr(), p._version)`` done in C++: the same values as in
+    Python (an assignment through ``p.data``, an in-place op, a non-contiguous view), a TypeError naming
+    what is not a tensor."""
+    from dynbatch_kernels import _C
+
+    params = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(4)]
+    params[1].data = torch.zeros(7)
+    with torch.no_grad():
+        params[2].mul_(2)
+    tensors = [*params, params[0].t(), torch.empty(0)]
+    assert _C.tensor_marks(tensors) == [(t.data_ptr(), t._version) for t in tensors]
+    with pytest.raises(TypeError, match=r"tensors: expected a torch\.Tensor, got int"):
+        _C.tensor_marks([params[0], 3])

@@ -62,11 +62,13 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from copy import deepcopy
 from dataclasses import dataclass, field
+from functools import cache
 from itertools import chain
 from typing import Any, ClassVar
 
 import torch
 
+from dynbatch_kernels.available import cpp_available
 from dynbatch_kernels.checks import GRAD_DTYPES
 from dynbatch_kernels.layout import FlatBuffer, FlatLayout, check_params
 from dynbatch_kernels.sharding import Sharding, is_dtensor
@@ -473,10 +475,21 @@ class FlatOptimizer(torch.optim.Optimizer):
 
 
 def _marks(buf: FlatBuffer) -> list[tuple[int, int]]:
-    """What changes when anyone but the optimizer writes a parameter (except in place through ``p.data``);
-    of a DTensor parameter, its local shard as it is now."""
+    """What changes when anyone but the optimizer writes a parameter (except in place through ``p.data``):
+    ``(p.data_ptr(), p._version)``; of a DTensor parameter, its local shard as it is now."""
     buf.refresh_shards()
-    return [(p.data_ptr(), p._version) for p in buf.params]
+    return _tensor_marks()(buf.params)
+
+
+@cache
+def _tensor_marks() -> Callable[[list[torch.Tensor]], list[tuple[int, int]]]:
+    """``(data_ptr, _version)`` of every tensor of a list: in C++ when the extension is built (a scan over
+    every parameter twice per step, 0.17 ms in Python for 2,000 tensors)."""
+    if cpp_available():
+        from dynbatch_kernels import _C
+
+        return _C.tensor_marks
+    return lambda tensors: [(t.data_ptr(), t._version) for t in tensors]
 
 
 def _state_view(flat: torch.Tensor, buf: FlatBuffer, j: int) -> torch.Tensor:
