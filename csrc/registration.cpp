@@ -94,7 +94,7 @@ PyObject* exported_columns() {
 
 
 // obj as a tensor (a TypeError naming `name` otherwise).
-at::Tensor tensor_arg(PyObject* obj, const std::string& name) {
+const at::Tensor& tensor_arg(PyObject* obj, const std::string& name) {
   TORCH_CHECK_TYPE(THPVariable_Check(obj), name, ": expected a torch.Tensor, got ", Py_TYPE(obj)->tp_name);
   return THPVariable_Unpack(obj);
 }
@@ -191,9 +191,7 @@ PyObject* tensor_marks(PyObject* /*module*/, PyObject* arg) {
   THPObjectPtr marks(PyList_New(count));
   if (!marks) return nullptr;
   for (Py_ssize_t i = 0; i < count; ++i) {
-    TORCH_CHECK_TYPE(THPVariable_Check(items[i]), "tensors: expected a torch.Tensor, got ",
-                     Py_TYPE(items[i])->tp_name);
-    const at::Tensor& t = THPVariable_Unpack(items[i]);
+    const at::Tensor& t = tensor_arg(items[i], "tensors");
     THPObjectPtr mark(PyTuple_New(2));
     if (!mark) return nullptr;
     PyObject* address = PyLong_FromVoidPtr(t.data_ptr());
