@@ -7,7 +7,6 @@
 #include <Python.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
-#include <torch/csrc/utils/object_ptr.h>
 #include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 
@@ -16,6 +15,7 @@
 
 #include "chunks.h"
 #include "columns.h"
+#include "scans.h"
 
 namespace dynbatch {
 namespace {
@@ -180,38 +180,11 @@ PyObject* call_cpu(PyObject* /*module*/, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
-// _C.tensor_marks(tensors): [(t.data_ptr(), t._version) for t in tensors] without a Python call per
-// attribute: the scan the optimizers make over every parameter twice per step to tell outside changes.
-PyObject* tensor_marks(PyObject* /*module*/, PyObject* arg) {
-  HANDLE_TH_ERRORS
-  TORCH_CHECK_TYPE(PyList_Check(arg) || PyTuple_Check(arg), "tensors: expected a list of tensors, got ",
-                   Py_TYPE(arg)->tp_name);
-  const Py_ssize_t count = PySequence_Fast_GET_SIZE(arg);
-  PyObject** items = PySequence_Fast_ITEMS(arg);
-  THPObjectPtr marks(PyList_New(count));
-  if (!marks) return nullptr;
-  for (Py_ssize_t i = 0; i < count; ++i) {
-    const at::Tensor& t = tensor_arg(items[i], "tensors");
-    THPObjectPtr mark(PyTuple_New(2));
-    if (!mark) return nullptr;
-    PyObject* address = PyLong_FromVoidPtr(t.data_ptr());
-    PyObject* version = PyLong_FromLongLong(static_cast<long long>(t._version()));
-    if (address == nullptr || version == nullptr) {
-      Py_XDECREF(address);
-      Py_XDECREF(version);
-      return nullptr;
-    }
-    PyTuple_SET_ITEM(mark.get(), 0, address);
-    PyTuple_SET_ITEM(mark.get(), 1, version);
-    PyList_SET_ITEM(marks.get(), i, mark.release());
-  }
-  return marks.release();
-  END_HANDLE_TH_ERRORS
-}
-
 PyMethodDef methods[] = {
     {"call_cpu", call_cpu, METH_VARARGS, "A dynbatch_cpp operator's CPU kernel, called without torch.ops"},
-    {"tensor_marks", tensor_marks, METH_O, "(data_ptr, _version) of every tensor of a list"},
+    {"tensor_marks", dynbatch::scans::tensor_marks, METH_O, "(data_ptr, _version) of each tensor"},
+    {"grads_of", dynbatch::scans::grads_of, METH_O, "(grads, missing, frozen) of parameters"},
+    {"misfits", dynbatch::scans::misfits, METH_VARARGS, "Tensors a kernel cannot take as they are"},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -16,13 +16,24 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import pairwise
+from typing import NamedTuple
 
 import torch
 
 from dynbatch_kernels.chunks import CHUNK_SIZE, ChunkTable
+from dynbatch_kernels.scans import grads_of, misfits
 from dynbatch_kernels.sharding import is_dtensor, local_tensor
 
 ParamsLike = Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | Iterable[dict]
+
+
+class Grads(NamedTuple):
+    """The gradients of a buffer's segments as found (``None``: none), the segments without one
+    (``missing``) and those whose parameter has ``requires_grad=False`` (``frozen``)."""
+
+    tensors: list[torch.Tensor | None]
+    missing: list[int]
+    frozen: list[int]
 
 
 @dataclass
@@ -108,7 +119,7 @@ class FlatBuffer:
         return not self.outside(self.grad, [self.grads()[j]], [j])
 
     def outside(
-        self, flat: torch.Tensor, tensors: list[torch.Tensor | None], segments: Iterable[int] | None = None
+        self, flat: torch.Tensor, tensors: list[torch.Tensor | None], segments: list[int] | None = None
     ) -> list[int]:
         """The segments (``segments``, default all) whose tensor in ``tensors`` is ``None`` or not the view of
         its segment of ``flat``. A tensor that starts at its segment's address lies in ``flat``'s storage and
@@ -116,11 +127,8 @@ class FlatBuffer:
         differ; checking for it would double the cost of this per-step scan); an empty tensor always is."""
         starts = self._segment_starts(flat)
         if segments is None:
-            pairs = enumerate(zip(tensors, starts))
-        else:
-            pairs = ((j, (t, starts[j])) for j, t in zip(segments, tensors))
-        # inline, not a helper: this scan runs over every parameter several times per step
-        return [j for j, (t, a) in pairs if t is None or (t.data_ptr() != a and t.numel() != 0)]
+            return misfits(tensors, starts)
+        return [segments[i] for i in misfits(tensors, [starts[j] for j in segments])]
 
     def _segment_starts(self, flat: torch.Tensor) -> list[int]:
         """The address of every segment of ``flat`` (one address space, all devices); cached for the last few
@@ -133,15 +141,25 @@ class FlatBuffer:
             starts = self._starts[key] = [key[0] + lo * key[1] for lo, _ in self.bounds]
         return starts
 
+    def scan_grads(self) -> Grads:
+        """Each segment's gradient as it is now (:meth:`grads`), and which segments have none or a frozen
+        parameter: one scan over the parameters."""
+        if not self.sharded:
+            return Grads(*grads_of(self.params))
+        grads = self.grads()
+        missing = [j for j, g in enumerate(grads) if g is None]
+        return Grads(grads, missing, [j for j, o in enumerate(self.owners) if not o.requires_grad])
+
     @torch.no_grad()
-    def gather_grads(self) -> list[bool]:
-        """Make ``grad`` hold every ``p.grad``; return which segments have one (``p.grad is not None``).
+    def gather_grads(self) -> Grads:
+        """Make ``grad`` hold every ``p.grad``; return them as found (:meth:`scan_grads`).
 
         A ``p.grad`` that is the segment's view costs nothing; the other tensors are copied in (one read,
         one write; one multi-tensor copy for all of them); the segment of a ``None`` gradient is zeroed so
         no stale value reaches a kernel.
         """
-        grads = self.grads()
+        found = self.scan_grads()
+        grads = found.tensors
         outside = self.outside(self.grad, grads)
         if outside:
             views = self.segment_views(self.grad)
@@ -156,25 +174,25 @@ class FlatBuffer:
             cleared = [views[j] for j in outside if grads[j] is None]
             if cleared:
                 torch._foreach_zero_(cleared)
-        return [g is not None for g in grads]
+        return found
 
-    @torch.no_grad()
-    def grad_operand(self) -> tuple[list[torch.Tensor], list[bool]]:
-        """Every ``p.grad`` where it lives, for the fused ops to read in place (one tensor per segment), and
-        which segments have one.
+    def grad_operand(self) -> tuple[list[torch.Tensor], Grads]:
+        """Every ``p.grad`` where it lives, for the fused ops to read in place (one tensor per segment, a
+        list made for this call), and the gradients as found (:meth:`scan_grads`).
 
         A segment whose ``p.grad`` is None gets its view of ``grad`` (not read: such a segment is skipped);
         one whose ``p.grad`` is not contiguous gets the view holding a copy of it.
         """
-        grads = self.grads()
-        if all(g is not None and g.is_contiguous() for g in grads):
-            return grads, [True] * len(grads)
-        views = self.segment_views(self.grad)
-        operand = [g if g is not None and g.is_contiguous() else v for g, v in zip(grads, views)]
-        for g, v in zip(grads, views):
-            if g is not None and not g.is_contiguous():
-                v.copy_(g)
-        return operand, [g is not None for g in grads]
+        found = self.scan_grads()
+        operand = list(found.tensors)
+        odd = misfits(operand, None)
+        if odd:
+            views = self.segment_views(self.grad)
+            for j in odd:
+                if operand[j] is not None:
+                    views[j].copy_(operand[j])
+                operand[j] = views[j]
+        return operand, found
 
     @torch.no_grad()
     def gather_data(self) -> None:

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dynbatch_kernels import FlatLayout
+from dynbatch_kernels import FlatLayout, scans
 from dynbatch_kernels.available import cpp_available
 from dynbatch_kernels.optim import ExtrapSGD, FusedLAMB
 
@@ -589,17 +589,38 @@ def test_a_multi_element_tensor_lr_is_a_value_error_like_torch(make):
 
 
 @pytest.mark.skipif(not cpp_available(), reason="extension not built")
-def test_tensor_marks_in_cpp_equal_pythons():
-    """The optimizers' per-step scan ``(p.data_ptr(), p._version)`` done in C++: the same values as in
-    Python (an assignment through ``p.data``, an in-place op, a non-contiguous view), a TypeError naming
-    what is not a tensor."""
+def test_parameter_scans_in_cpp_equal_pythons():
+    """The per-step scans over every parameter (``dynbatch_kernels.scans``) done in C++ give what their
+    Python versions give: marks after an assignment through ``p.data``, an in-place op and on a
+    non-contiguous view; gradients that are None, frozen parameters, a Parameter subclass; misfits by
+    contiguity and by address (empty tensors fit anywhere). What is not a tensor is a TypeError."""
     from dynbatch_kernels import _C
 
-    params = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(4)]
+    class Tagged(torch.nn.Parameter):
+        pass
+
+    params = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(4)] + [Tagged(torch.randn(2))]
     params[1].data = torch.zeros(7)
     with torch.no_grad():
         params[2].mul_(2)
+    params[0].grad = torch.randn(3, 5).t()
+    params[4].grad = torch.ones(2)
+    params[3].requires_grad_(False)
     tensors = [*params, params[0].t(), torch.empty(0)]
-    assert _C.tensor_marks(tensors) == [(t.data_ptr(), t._version) for t in tensors]
-    with pytest.raises(TypeError, match=r"tensors: expected a torch\.Tensor, got int"):
-        _C.tensor_marks([params[0], 3])
+    assert _C.tensor_marks(tensors) == scans._tensor_marks(tensors)
+    grads, missing, frozen = _C.grads_of(params)
+    assert (grads, missing, frozen) == scans._grads_of(params)
+    assert grads[0] is params[0].grad and grads[4] is params[4].grad and (missing, frozen) == ([1, 2, 3], [3])
+    with_none = [*tensors[:3], None, *tensors[3:]]
+    starts = [t.data_ptr() if t is not None else 0 for t in with_none]
+    starts[1] += 4
+    starts[-1] += 4
+    for where in (None, starts):
+        assert _C.misfits(with_none, where) == scans._misfits(with_none, where)
+    assert _C.misfits(with_none, None) == [3, 6] and _C.misfits(with_none, starts) == [1, 3]
+    not_tensors = ((_C.tensor_marks, ([params[0], 3],)), (_C.grads_of, ([3],)), (_C.misfits, ([3], None)))
+    for scan, args in not_tensors:
+        with pytest.raises(TypeError, match=r"expected a list of tensors, got an item of type int"):
+            scan(*args)
+    with pytest.raises(ValueError, match=r"starts: expected 2 addresses \(one per tensor\), got 1"):
+        _C.misfits(params[:2], [0])

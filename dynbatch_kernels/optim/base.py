@@ -62,15 +62,14 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from copy import deepcopy
 from dataclasses import dataclass, field
-from functools import cache
 from itertools import chain
 from typing import Any, ClassVar
 
 import torch
 
-from dynbatch_kernels.available import cpp_available
 from dynbatch_kernels.checks import GRAD_DTYPES
 from dynbatch_kernels.layout import FlatBuffer, FlatLayout, check_params
+from dynbatch_kernels.scans import tensor_marks
 from dynbatch_kernels.sharding import Sharding, is_dtensor
 
 #: The state entry holding the float32 master copy of a bfloat16/float16 parameter.
@@ -94,7 +93,7 @@ class FlatState:
     buffer: FlatBuffer
     tensors: dict[str, torch.Tensor]
     step: torch.Tensor
-    groups: list[int]
+    groups: tuple[int, ...]
     marks: list[tuple[int, int]] = field(default_factory=list, repr=False)
     index: tuple[int, ...] = ()
     hyper: torch.Tensor | None = None
@@ -290,12 +289,16 @@ class FlatOptimizer(torch.optim.Optimizer):
         self._gather_params(self._refresh())
         for st in self.flat_states:
             if st.in_place:
-                st.grads, present = st.buffer.grad_operand()
+                st.grads, found = st.buffer.grad_operand()
             else:
-                st.grads, present = st.buffer.grad, st.buffer.gather_grads()
+                st.grads, found = st.buffer.grad, st.buffer.gather_grads()
             # -1 (not optimized, no gradient, or requires_grad=False) picks the last row: hyper_row(None)
-            steps = [has and p.requires_grad for has, p in zip(present, st.buffer.owners)]
-            st.index = tuple(g if on else -1 for g, on in zip(st.groups, steps))
+            st.index = st.groups
+            if found.missing or found.frozen:
+                index = list(st.groups)
+                for j in chain(found.missing, found.frozen):
+                    index[j] = -1
+                st.index = tuple(index)
             self._negate_maximized(st)
             if (key_rows, st.index) == st.key:
                 continue
@@ -470,7 +473,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             buffer=buf,
             tensors=tensors,
             step=torch.zeros(buf.num_segments, dtype=torch.float32, device=device),
-            groups=[group_of.get(id(p), -1) for p in buf.owners],
+            groups=tuple(group_of.get(id(p), -1) for p in buf.owners),
         )
 
 
@@ -478,18 +481,7 @@ def _marks(buf: FlatBuffer) -> list[tuple[int, int]]:
     """What changes when anyone but the optimizer writes a parameter (except in place through ``p.data``):
     ``(p.data_ptr(), p._version)``; of a DTensor parameter, its local shard as it is now."""
     buf.refresh_shards()
-    return _tensor_marks()(buf.params)
-
-
-@cache
-def _tensor_marks() -> Callable[[list[torch.Tensor]], list[tuple[int, int]]]:
-    """``(data_ptr, _version)`` of every tensor of a list: in C++ when the extension is built (a scan over
-    every parameter twice per step, 0.17 ms in Python for 2,000 tensors)."""
-    if cpp_available():
-        from dynbatch_kernels import _C
-
-        return _C.tensor_marks
-    return lambda tensors: [(t.data_ptr(), t._version) for t in tensors]
+    return tensor_marks(buf.params)
 
 
 def _state_view(flat: torch.Tensor, buf: FlatBuffer, j: int) -> torch.Tensor:
