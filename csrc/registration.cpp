@@ -95,7 +95,7 @@ PyObject* exported_columns() {
 
 // obj as a tensor (a TypeError naming `name` otherwise).
 const at::Tensor& tensor_arg(PyObject* obj, const std::string& name) {
-  TORCH_CHECK_TYPE(THPVariable_Check(obj), name, ": expected a torch.Tensor, got ", Py_TYPE(obj)->tp_name);
+  TORCH_CHECK_TYPE(dynbatch::is_tensor(obj), name, ": expected a torch.Tensor, got ", Py_TYPE(obj)->tp_name);
   return THPVariable_Unpack(obj);
 }
 

@@ -8,6 +8,11 @@
 #include <Python.h>
 
 namespace dynbatch {
+
+// Whether obj is a torch.Tensor (its type or a subclass): a real type check, so an object that only
+// claims torch.Tensor as its __class__ (a mock) is refused, not unpacked.
+bool is_tensor(PyObject* obj);
+
 namespace scans {
 
 // tensor_marks(tensors): [(t.data_ptr(), t._version) for t in tensors].

@@ -176,6 +176,7 @@ class FlatBuffer:
                 torch._foreach_zero_(cleared)
         return found
 
+    @torch.no_grad()
     def grad_operand(self) -> tuple[list[torch.Tensor], Grads]:
         """Every ``p.grad`` where it lives, for the fused ops to read in place (one tensor per segment, a
         list made for this call), and the gradients as found (:meth:`scan_grads`).

@@ -624,3 +624,45 @@ def test_parameter_scans_in_cpp_equal_pythons():
             scan(*args)
     with pytest.raises(ValueError, match=r"starts: expected 2 addresses \(one per tensor\), got 1"):
         _C.misfits(params[:2], [0])
+
+
+@pytest.mark.skipif(not cpp_available(), reason="extension not built")
+def test_parameter_scans_in_cpp_survive_python_run_during_the_scan():
+    """A subclass's ``grad`` property runs Python in the middle of the C++ scan: one that empties the list
+    being scanned leaves the scan reading what it was given, one that raises has its error propagated,
+    and an object that only claims ``torch.Tensor`` as its class is a TypeError, not unpacked. The lists
+    are long enough for every prefetch stage to run, from before the first item."""
+    from unittest import mock
+
+    from dynbatch_kernels import _C
+
+    owners: list[torch.Tensor] = []
+
+    class Clearing(torch.nn.Parameter):
+        @property
+        def grad(self):
+            owners.clear()
+            _ = [object() for _ in range(10_000)]
+            return None
+
+    class Raising(torch.nn.Parameter):
+        @property
+        def grad(self):
+            raise RuntimeError("grad property failed")
+
+    plain = [torch.nn.Parameter(torch.randn(3)) for _ in range(40)]
+    for p in plain[::3]:
+        p.grad = torch.randn(3)
+    owners.extend([Clearing(torch.randn(2)), *plain])
+    scanned = list(owners)
+    grads, missing, _ = _C.grads_of(owners)
+    assert owners == [] and len(grads) == 41 and grads[1] is plain[0].grad
+    assert missing == [0, *(j + 1 for j in range(40) if j % 3)]
+    assert _C.tensor_marks(scanned) == scans._tensor_marks(scanned)
+    with pytest.raises(RuntimeError, match="grad property failed"):
+        _C.grads_of([*plain, Raising(torch.randn(2))])
+    fake = mock.Mock(spec=torch.Tensor)
+    assert isinstance(fake, torch.Tensor)
+    for scan, args in ((_C.tensor_marks, ([fake],)), (_C.grads_of, ([fake],)), (_C.misfits, ([fake], None))):
+        with pytest.raises(TypeError, match="got an item of type Mock"):
+            scan(*args)
