@@ -21,6 +21,7 @@ host_overhead`` writes it with the other benchmarks.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -49,7 +50,8 @@ def run(device: torch.device, quick: bool = False) -> list[Row]:
         torch.set_num_threads(previous)
 
 
-def _run(device: torch.device, reps: int) -> list[Row]:
+def providers(device: torch.device) -> list[tuple[str, Callable[[], None]]]:
+    """``(name, loop)`` per provider: each loop runs :data:`MICRO_BATCHES` micro-batches."""
     gen = torch.Generator().manual_seed(0)
     batches = [
         (
@@ -77,7 +79,7 @@ def _run(device: torch.device, reps: int) -> list[Row]:
                 plain_opt.step()
                 plain_opt.zero_grad()
 
-    def accumulator_loop(set_to_none: bool):
+    def accumulator_loop(set_to_none: bool) -> Callable[[], None]:
         model = make_model(device)
         acc = GradientAccumulator(
             torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True), FixedPolicy(STEP), history_size=16
@@ -94,12 +96,16 @@ def _run(device: torch.device, reps: int) -> list[Row]:
 
         return loop
 
-    timed = [
+    return [
         ("forward+backward", forward_backward),
         (BASELINE, plain_loop),
         ("accumulator", accumulator_loop(False)),
         ("accumulator, grads None", accumulator_loop(True)),
     ]
+
+
+def _run(device: torch.device, reps: int) -> list[Row]:
+    timed = providers(device)
     clock = time.perf_counter if device.type == "cuda" else time.thread_time
     times: list[list[float]] = [[] for _ in timed]
     for rep in range(-5, reps):  # 5 warm-up rounds

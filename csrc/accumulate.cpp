@@ -59,14 +59,14 @@ at::Tensor accumulate_cpu(at::TensorList acc_list, at::TensorList grad_list,
   const Operand grad = cpu_operand("grad", grad_list, table);
   const Operand sum = out_list ? cpu_operand("out", *out_list, table, at::kFloat) : Operand{};
   const bool separate = out_list && sum.data != acc.data;
-  auto partials = at::empty({table.num_chunks, kNumSums}, at::TensorOptions().dtype(at::kFloat));
+  std::vector<float> partials(table.num_chunks * kNumSums);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype_or(grad, at::kFloat), "accumulate_", [&] {
     using run_t = void (*)(const Operand&, const Operand&, const Operand&, const Chunks&, float*, float);
     const run_t runs[2][2] = {{accumulate_chunks<scalar_t, false, false>, accumulate_chunks<scalar_t, false, true>},
                               {accumulate_chunks<scalar_t, true, false>, accumulate_chunks<scalar_t, true, true>}};
-    runs[zero_grad][separate](acc, grad, sum, table, partials.data_ptr<float>(), static_cast<float>(scale));
+    runs[zero_grad][separate](acc, grad, sum, table, partials.data(), static_cast<float>(scale));
   });
-  return reduce_chunks(partials, table);
+  return reduce_chunks(partials, kNumSums, table);
 }
 
 }  // namespace

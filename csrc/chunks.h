@@ -188,11 +188,10 @@ inline at::ScalarType dtype_or(const Operand& op, at::ScalarType fallback) {
 }
 
 // partials: [C, K] float32 -> [S, K] float32, summing each segment's chunks in order.
-inline at::Tensor reduce_chunks(const at::Tensor& partials, const Chunks& table) {
-  const int64_t k = partials.size(1);
+inline at::Tensor reduce_chunks(const std::vector<float>& partials, int64_t k, const Chunks& table) {
   const int64_t num_segments = table.layout.num_segments;
-  auto out = at::empty({num_segments, k}, partials.options());
-  const float* part = partials.const_data_ptr<float>();
+  auto out = at::empty({num_segments, k}, at::TensorOptions().dtype(at::kFloat));
+  const float* part = partials.data();
   const int64_t* seg = table.segment_chunks;
   float* dst = out.data_ptr<float>();
   at::parallel_for(0, num_segments, 64, [&](int64_t begin, int64_t end) {

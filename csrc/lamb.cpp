@@ -256,7 +256,7 @@ Buffers lamb_buffers(at::TensorList param, at::TensorList grad, at::TensorList u
 // Pass 1 and the per-segment reduction: [S, 4] statistics, the ratio column 0.
 at::Tensor run_update(const Buffers& b, bool has_master, const float* h, const float* steps, const Chunks& table,
                       const StepScalars& k) {
-  auto partials = at::empty({table.num_chunks, kNumStats}, at::TensorOptions().dtype(at::kFloat));
+  std::vector<float> partials(table.num_chunks * kNumStats);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype_or(b.param, at::kFloat), "lamb_update_", [&] {
     using pass1_t =
         void (*)(const Buffers&, const float*, const float*, const Chunks&, float, float, bool, float*);
@@ -265,9 +265,9 @@ at::Tensor run_update(const Buffers& b, bool has_master, const float* h, const f
     const pass1_t passes[2][2] = {{update_pass<scalar_t, false, false>, update_pass<scalar_t, false, true>},
                                   {update_pass<scalar_t, true, false>, update_pass<scalar_t, true, true>}};
     passes[has_master][!k.skip](b, h, steps, table, k.inv_scale, std::sqrt(k.norm_sq), stream,
-                                partials.data_ptr<float>());
+                                partials.data());
   });
-  return reduce_chunks(partials, table);
+  return reduce_chunks(partials, kNumStats, table);
 }
 
 // Trust ratios from stats' norms into its ratio column, then (unless skipped) pass 2 and step += 1.
@@ -362,11 +362,11 @@ at::Tensor segment_sq_norms_cpu(at::TensorList x_list, const at::Tensor& host_of
   const Chunks table =
       check_chunks(host_offsets, host_lengths, chunk_starts, chunk_ends, segment_chunks, chunk_segments);
   const Operand x = cpu_operand("x", x_list, table);
-  auto partials = at::empty({table.num_chunks, 1}, at::TensorOptions().dtype(at::kFloat));
+  std::vector<float> partials(table.num_chunks);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype_or(x, at::kFloat), "segment_sq_norms", [&] {
-    sq_norm_chunks<scalar_t>(x, table, value_or(scale, 1.f), partials.data_ptr<float>());
+    sq_norm_chunks<scalar_t>(x, table, value_or(scale, 1.f), partials.data());
   });
-  return reduce_chunks(partials, table).view({-1});
+  return reduce_chunks(partials, 1, table).view({-1});
 }
 
 }  // namespace

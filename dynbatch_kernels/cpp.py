@@ -7,28 +7,18 @@ chunk bounds and segment maps (all CPU int64 on a CPU table); they check every o
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 
 from dynbatch_kernels import _C
 from dynbatch_kernels.chunks import ChunkTable
 
 
-def _table(chunks: ChunkTable) -> tuple[torch.Tensor, ...]:
-    """The table arguments of every ``dynbatch_cpp`` kernel, in schema order."""
-    return (
-        chunks.host_offsets,
-        chunks.host_lengths,
-        chunks.starts,
-        chunks.ends,
-        chunks.segment_chunks,
-        chunks.chunk_segments,
-    )
-
-
-def _kernel(name: str):
+def _kernel(name: str) -> Callable[..., torch.Tensor | None]:
     """The CPU kernel of ``torch.ops.dynbatch_cpp.<name>``, taking the operator's arguments in order."""
-    qualified = f"dynbatch_cpp::{name}"
-    return lambda *args: _C.call_cpu(qualified, *args)
+    return partial(_C.call_cpu, f"dynbatch_cpp::{name}")
 
 
 _accumulate = _kernel("accumulate_")
@@ -48,7 +38,7 @@ def accumulate_(
     zero_grad: bool,
     out: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    return _accumulate(acc, grad, out, *_table(chunks), float(scale), bool(zero_grad))
+    return _accumulate(acc, grad, out, *chunks.cpu_args, float(scale), bool(zero_grad))
 
 
 def extrapolate_(
@@ -59,7 +49,7 @@ def extrapolate_(
     chunks: ChunkTable,
     zero_direction: bool,
 ) -> None:
-    _extrapolate(params, saved, direction, hyper, *_table(chunks), bool(zero_direction))
+    _extrapolate(params, saved, direction, hyper, *chunks.cpu_args, bool(zero_direction))
 
 
 def extrap_step_(
@@ -71,17 +61,17 @@ def extrap_step_(
     chunks: ChunkTable,
     extrapolate_next: bool,
 ) -> None:
-    _extrap_step(params, saved, grad, momentum, hyper, *_table(chunks), bool(extrapolate_next))
+    _extrap_step(params, saved, grad, momentum, hyper, *chunks.cpu_args, bool(extrapolate_next))
 
 
 def segment_sq_norms(x: list[torch.Tensor], chunks: ChunkTable, scale: torch.Tensor | None) -> torch.Tensor:
-    return _segment_sq_norms(x, *_table(chunks), scale)
+    return _segment_sq_norms(x, *chunks.cpu_args, scale)
 
 
 def _pass1(op, *args) -> torch.Tensor:
     """``op`` (``lamb_step_`` or ``lamb_update_``: the same arguments) with ``chunks`` (the ninth) as its
     table arguments."""
-    return op(*args[:8], *_table(args[8]), *args[9:])
+    return op(*args[:8], *args[8].cpu_args, *args[9:])
 
 
 def lamb_update_(
@@ -118,4 +108,4 @@ def lamb_apply_(
     grad_sq_norm: torch.Tensor | None,
     found_inf: torch.Tensor | None,
 ) -> None:
-    _lamb_apply(param, update, master, step, hyper, stats, *_table(chunks), grad_sq_norm, found_inf)
+    _lamb_apply(param, update, master, step, hyper, stats, *chunks.cpu_args, grad_sq_norm, found_inf)

@@ -247,10 +247,10 @@ def test_devices_differ():
 def test_direct_cpp_entry_checks_its_arguments():
     """``_C.call_cpu``, the C++ kernels' entry without ``torch.ops`` (the C++ backend's every call), raises
     Python's TypeError / ValueError naming the argument, writing nothing, and runs the kernel."""
-    from dynbatch_kernels import _C, cpp
+    from dynbatch_kernels import _C
 
     table = ChunkTable.from_offsets(torch.tensor([0, 16, 48]), lengths=[5, 32])
-    args = cpp._table(table)
+    args = table.cpu_args
     acc, grad = torch.zeros(48), torch.ones(48)
     name = "dynbatch_cpp::accumulate_"
     with pytest.raises(TypeError, match="acc: expected a list of tensors"):

@@ -372,10 +372,9 @@ class GradientAccumulator:
             b.grad.dtype == torch.float32 for b in buffers.layout.buffers
         )
         buffers.expose(None if fold else 1.0 / divisor)
-        if fold:
+        if fold:  # no found_inf: the sum is finite (checked), and torch's fused optimizers then skip a pass
             device = buffers.layout.buffers[0].device
-            self.optimizer.grad_scale = torch.full((1,), divisor, device=device)
-            self.optimizer.found_inf = torch.zeros((), device=device)  # as GradScaler: [1] and []
+            self.optimizer.grad_scale = torch.full((1,), divisor, device=device)  # as GradScaler's: [1]
         try:
             if lr_factor == 1.0:
                 self.optimizer.step()
@@ -384,7 +383,7 @@ class GradientAccumulator:
                     self.optimizer.step()
         finally:
             if fold:
-                del self.optimizer.grad_scale, self.optimizer.found_inf
+                del self.optimizer.grad_scale
         buffers.after_step()
 
     def _optimizer_layout(self) -> FlatLayout | None:
