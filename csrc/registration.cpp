@@ -92,7 +92,6 @@ PyObject* exported_columns() {
   return columns;
 }
 
-
 // obj as a tensor (a TypeError naming `name` otherwise).
 const at::Tensor& tensor_arg(PyObject* obj, const std::string& name) {
   TORCH_CHECK_TYPE(dynbatch::is_tensor(obj), name, ": expected a torch.Tensor, got ", Py_TYPE(obj)->tp_name);

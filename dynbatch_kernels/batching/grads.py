@@ -187,8 +187,9 @@ class StepBuffers:
                     acc.mul_(scale)
                 known = self._known_views[b]
                 known[self._grads[b].data_ptr()] = self._views[b]
-                views = known.get(acc.data_ptr()) or known.setdefault(acc.data_ptr(), buf.segment_views(acc))
-                self._views[b] = views
+                if acc.data_ptr() not in known:
+                    known[acc.data_ptr()] = buf.segment_views(acc)
+                self._views[b] = known[acc.data_ptr()]
                 self.acc[b], buf.grad = buf.grad, acc
                 self._grads[b] = acc
             else:
