@@ -187,21 +187,26 @@ inline at::ScalarType dtype_or(const Operand& op, at::ScalarType fallback) {
   return op.dtype.value_or(fallback);
 }
 
+// Rows [first, last) of dst ([S, K] float32): each segment's rows of partials ([C, K] float32) summed in
+// chunk order, in float64.
+inline void sum_segments(const float* partials, int64_t k, const Chunks& table, int64_t first, int64_t last,
+                         float* dst) {
+  const int64_t* seg = table.segment_chunks;
+  for (int64_t j = first; j < last; ++j) {
+    for (int64_t col = 0; col < k; ++col) {
+      double total = 0.0;
+      for (int64_t c = seg[j]; c < seg[j + 1]; ++c) total += partials[c * k + col];
+      dst[j * k + col] = static_cast<float>(total);
+    }
+  }
+}
+
 // partials: [C, K] float32 -> [S, K] float32, summing each segment's chunks in order.
 inline at::Tensor reduce_chunks(const std::vector<float>& partials, int64_t k, const Chunks& table) {
-  const int64_t num_segments = table.layout.num_segments;
-  auto out = at::empty({num_segments, k}, at::TensorOptions().dtype(at::kFloat));
-  const float* part = partials.data();
-  const int64_t* seg = table.segment_chunks;
+  auto out = at::empty({table.layout.num_segments, k}, at::TensorOptions().dtype(at::kFloat));
   float* dst = out.data_ptr<float>();
-  at::parallel_for(0, num_segments, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      for (int64_t col = 0; col < k; ++col) {
-        double total = 0.0;
-        for (int64_t c = seg[j]; c < seg[j + 1]; ++c) total += part[c * k + col];
-        dst[j * k + col] = static_cast<float>(total);
-      }
-    }
+  at::parallel_for(0, table.layout.num_segments, 64, [&](int64_t begin, int64_t end) {
+    sum_segments(partials.data(), k, table, begin, end, dst);
   });
   return out;
 }

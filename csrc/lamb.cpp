@@ -1,14 +1,18 @@
 // LAMB / LAMBC over the segments' tensors (the math and byte counts: dynbatch_kernels/ops/lamb.py).
 //   lamb_step_:       pass 1 (m, v, u into update; partial |w|^2 |u|^2 |g|^2 per chunk) -> per-segment
-//                     trust ratios -> pass 2 (w -= lr * r * u, u read back from update). Nothing is
-//                     written when the step is skipped. update may be grad itself; a separate update
-//                     buffer too large to stay cached until pass 2 is written with streaming stores.
+//                     trust ratios -> pass 2 (w -= lr * r * u, u read back from update), wave by wave:
+//                     segments that fit in the cache together run both passes before the next ones, their
+//                     u in a scratch buffer unless update is grad itself; a larger segment's u goes to
+//                     update, with streaming stores when update is separate. Nothing is written when the
+//                     step is skipped.
 //   lamb_update_ / lamb_apply_: pass 1 (returning the statistics) and pass 2 (ratios from statistics that
 //                     may have been summed over the shards of each tensor in between) as two calls.
 //   segment_sq_norms: per-segment |s*x|^2 in one read (pass 0: the global gradient norm for clipping).
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <optional>
 
 #include "chunks.h"
@@ -151,13 +155,31 @@ struct Buffers {
   Operand param, grad, update, exp_avg, exp_avg_sq, master;
 };
 
-// Pass 1 over every chunk. `stream`: u goes to a separate update buffer of at least kStreamMinBytes, too
-// large to stay cached until pass 2 reads it, so it is written with streaming stores, which spares the
-// write-allocate read of each of its lines.
+// Where pass 1 puts u and pass 2 reads it back: the update operand, or a wave's scratch buffer that holds
+// the virtual indices [origin, origin + its length).
+struct UTarget {
+  const Operand* update;
+  void* scratch = nullptr;
+  int64_t origin = 0;
+
+  template <typename T>
+  T* chunk(int64_t segment, int64_t start) const {
+    return scratch ? static_cast<T*>(scratch) + (start - origin) : update->chunk<T>(segment, start);
+  }
+};
+
+// Chunks [begin, end) of the table.
+struct ChunkRange {
+  int64_t begin, end;
+};
+
+// Pass 1 over the range. `stream`: u goes to a separate update buffer too large to stay cached until
+// pass 2 reads it, so it is written with streaming stores, which spares the write-allocate read of each
+// of its lines.
 template <typename scalar_t, bool kMaster, bool kWrite>
-void update_pass(const Buffers& b, const float* hyper, const float* steps, const Chunks& t, float inv_scale,
-                 float grad_norm, bool stream, float* partials) {
-  at::parallel_for(0, t.num_chunks, 1, [&](int64_t begin, int64_t end) {
+void update_pass(const Buffers& b, const UTarget& u, const float* hyper, const float* steps, const Chunks& t,
+                 ChunkRange range, float inv_scale, float grad_norm, bool stream, float* partials) {
+  at::parallel_for(range.begin, range.end, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       const int64_t seg = t.chunk_segments[c], lo = t.starts[c], n = t.ends[c] - lo;
       const float* h = hyper + seg * kNumHyper;
@@ -170,7 +192,7 @@ void update_pass(const Buffers& b, const float* hyper, const float* steps, const
       const scalar_t* param = b.param.chunk<scalar_t>(seg, lo);
       const float* master = kMaster ? b.master.chunk<float>(seg, lo) : nullptr;
       const scalar_t* grad = b.grad.chunk<scalar_t>(seg, lo);
-      scalar_t* update = b.update.chunk<scalar_t>(seg, lo);
+      scalar_t* update = u.chunk<scalar_t>(seg, lo);
       float* exp_avg = b.exp_avg.chunk<float>(seg, lo);
       float* exp_avg_sq = b.exp_avg_sq.chunk<float>(seg, lo);
       const bool in_place = static_cast<const void*>(grad) == static_cast<const void*>(update);
@@ -188,24 +210,28 @@ void update_pass(const Buffers& b, const float* hyper, const float* steps, const
   });
 }
 
+// Pass 2 over the range, each thread's chunks in reverse: the last ones pass 1 touched are the likeliest
+// still cached.
 template <typename scalar_t, bool kMaster>
-void apply_pass(const Buffers& b, const float* hyper, const float* stats, const Chunks& t) {
-  at::parallel_for(0, t.num_chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
+void apply_pass(const Buffers& b, const UTarget& u, const float* hyper, const float* stats, const Chunks& t,
+                ChunkRange range) {
+  at::parallel_for(range.begin, range.end, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = end - 1; c >= begin; --c) {
       const int64_t seg = t.chunk_segments[c], lo = t.starts[c];
       const float* h = hyper + seg * kNumHyper;
       if (h[kActive] == 0.f) continue;
       apply_chunk<scalar_t, kMaster>(b.param.chunk<scalar_t>(seg, lo),
                                      kMaster ? b.master.chunk<float>(seg, lo) : nullptr,
-                                     b.update.chunk<scalar_t>(seg, lo), t.ends[c] - lo,
+                                     u.chunk<scalar_t>(seg, lo), t.ends[c] - lo,
                                      h[kLr] * stats[seg * kNumStats + kRatio]);
     }
   });
 }
 
-// r_j = clip(|w|_j / |u|_j, r_min, r_max) where adapted and both norms are nonzero, else 1.
-void trust_ratios(float* stats, const float* hyper, int64_t num_segments) {
-  for (int64_t j = 0; j < num_segments; ++j) {
+// r_j = clip(|w|_j / |u|_j, r_min, r_max) where adapted and both norms are nonzero, else 1; segments
+// [first, last).
+void trust_ratios(float* stats, const float* hyper, int64_t first, int64_t last) {
+  for (int64_t j = first; j < last; ++j) {
     const float* h = hyper + j * kNumHyper;
     float* s = stats + j * kNumStats;
     float ratio = 1.f;
@@ -258,32 +284,87 @@ at::Tensor run_update(const Buffers& b, bool has_master, const float* h, const f
                       const StepScalars& k) {
   std::vector<float> partials(table.num_chunks * kNumStats);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype_or(b.param, at::kFloat), "lamb_update_", [&] {
-    using pass1_t =
-        void (*)(const Buffers&, const float*, const float*, const Chunks&, float, float, bool, float*);
+    using pass1_t = void (*)(const Buffers&, const UTarget&, const float*, const float*, const Chunks&,
+                             ChunkRange, float, float, bool, float*);
     const bool stream = b.update.data != b.grad.data &&
                         table.layout.num_elements * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamMinBytes;
     const pass1_t passes[2][2] = {{update_pass<scalar_t, false, false>, update_pass<scalar_t, false, true>},
                                   {update_pass<scalar_t, true, false>, update_pass<scalar_t, true, true>}};
-    passes[has_master][!k.skip](b, h, steps, table, k.inv_scale, std::sqrt(k.norm_sq), stream,
-                                partials.data());
+    passes[has_master][!k.skip](b, UTarget{&b.update}, h, steps, table, {0, table.num_chunks}, k.inv_scale,
+                                std::sqrt(k.norm_sq), stream, partials.data());
   });
   return reduce_chunks(partials, kNumStats, table);
+}
+
+// step += 1 where the segment is active.
+void advance_steps(float* steps, const float* h, int64_t num_segments) {
+  for (int64_t j = 0; j < num_segments; ++j) steps[j] += h[j * kNumHyper + kActive] != 0.f ? 1.f : 0.f;
 }
 
 // Trust ratios from stats' norms into its ratio column, then (unless skipped) pass 2 and step += 1.
 void run_apply(const Buffers& b, bool has_master, const float* h, float* steps, const Chunks& table,
                const StepScalars& k, at::Tensor& stats, const std::optional<at::Tensor>& found_inf) {
   const int64_t num_segments = table.layout.num_segments;
-  trust_ratios(stats.data_ptr<float>(), h, num_segments);
+  trust_ratios(stats.data_ptr<float>(), h, 0, num_segments);
   if (k.skip) {
     if (k.norm_bad && found_inf) found_inf->fill_(1.f);
     return;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype_or(b.param, at::kFloat), "lamb_apply_", [&] {
     auto* run = has_master ? apply_pass<scalar_t, true> : apply_pass<scalar_t, false>;
-    run(b, h, stats.const_data_ptr<float>(), table);
+    run(b, UTarget{&b.update}, h, stats.const_data_ptr<float>(), table, {0, table.num_chunks});
   });
-  for (int64_t j = 0; j < num_segments; ++j) steps[j] += h[j * kNumHyper + kActive] != 0.f ? 1.f : 0.f;
+  advance_steps(steps, h, num_segments);
+}
+
+// Virtual elements (padding included) of one wave of lamb_step_: the wave's w and u, 8 bytes per float32
+// element, must survive the other streams of pass 1 in the last-level cache until pass 2 reads them.
+constexpr int64_t kWaveElements = int64_t{1} << 20;
+
+// This thread's scratch for the waves' u: at least `bytes`, 64-byte aligned, kept from call to call.
+void* wave_scratch(int64_t bytes) {
+  struct Free {
+    void operator()(void* p) const { std::free(p); }
+  };
+  thread_local std::unique_ptr<void, Free> buffer;
+  thread_local int64_t capacity = 0;
+  if (capacity < bytes) {
+    const int64_t rounded = (bytes + 63) / 64 * 64;
+    buffer.reset(std::aligned_alloc(64, rounded));
+    TORCH_CHECK(buffer, "lamb_step_: cannot allocate ", rounded, " bytes of scratch");
+    capacity = rounded;
+  }
+  return buffer.get();
+}
+
+// lamb_step_ when not skipped, in waves: consecutive segments of at most kWaveElements together go through
+// pass 1, their trust ratios and pass 2 before the next wave starts, so pass 2 finds w and u still cached.
+// A wave's u stays in a scratch buffer (unless it goes over the gradient): it is never written to memory.
+// A segment larger than a wave is a wave of its own, with u in `update` (streamed when separate).
+// The chunks' partial sums and their per-segment reduction are the two-pass ones: the same bits.
+template <typename scalar_t, bool kMaster>
+void step_in_waves(const Buffers& b, const float* h, const float* steps, const Chunks& t, const StepScalars& k,
+                   float* stats) {
+  const int64_t* off = t.layout.offsets;
+  const int64_t num_segments = t.layout.num_segments;
+  const bool in_place = b.update.data == b.grad.data;
+  void* scratch = in_place ? nullptr : wave_scratch(kWaveElements * static_cast<int64_t>(sizeof(scalar_t)));
+  std::vector<float> partials(t.num_chunks * kNumStats);
+  for (int64_t first = 0; first < num_segments;) {
+    int64_t last = first + 1;
+    while (last < num_segments && off[last + 1] - off[first] <= kWaveElements) ++last;
+    const int64_t extent = off[last] - off[first];
+    const bool cached = extent <= kWaveElements;
+    const UTarget u{&b.update, cached ? scratch : nullptr, off[first]};
+    const bool stream = !cached && !in_place;
+    const ChunkRange range{t.segment_chunks[first], t.segment_chunks[last]};
+    update_pass<scalar_t, kMaster, true>(b, u, h, steps, t, range, k.inv_scale, std::sqrt(k.norm_sq), stream,
+                                         partials.data());
+    sum_segments(partials.data(), kNumStats, t, first, last, stats);
+    trust_ratios(stats, h, first, last);
+    apply_pass<scalar_t, kMaster>(b, u, h, stats, t, range);
+    first = last;
+  }
 }
 
 at::Tensor lamb_update_cpu(at::TensorList param, at::TensorList grad, at::TensorList update,
@@ -329,8 +410,17 @@ at::Tensor lamb_step_cpu(at::TensorList param, at::TensorList grad, at::TensorLi
   const Buffers b = lamb_buffers(param, grad, update, exp_avg, exp_avg_sq, master, table, step, hyper);
   const StepScalars k = step_scalars(grad_sq_norm, inv_grad_scale, found_inf);
   const float* h = hyper.const_data_ptr<float>();
-  at::Tensor stats = run_update(b, master.has_value(), h, step.const_data_ptr<float>(), table, k);
-  run_apply(b, master.has_value(), h, step.data_ptr<float>(), table, k, stats, found_inf);
+  if (k.skip) {  // pass 1 for the statistics only, nothing written
+    at::Tensor stats = run_update(b, master.has_value(), h, step.const_data_ptr<float>(), table, k);
+    run_apply(b, master.has_value(), h, step.data_ptr<float>(), table, k, stats, found_inf);
+    return stats;
+  }
+  at::Tensor stats = at::empty({table.layout.num_segments, kNumStats}, at::TensorOptions().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype_or(b.param, at::kFloat), "lamb_step_", [&] {
+    auto* run = master ? step_in_waves<scalar_t, true> : step_in_waves<scalar_t, false>;
+    run(b, h, step.const_data_ptr<float>(), table, k, stats.data_ptr<float>());
+  });
+  advance_steps(step.data_ptr<float>(), h, table.layout.num_segments);
   return stats;
 }
 

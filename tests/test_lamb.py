@@ -249,10 +249,11 @@ def test_update_then_apply_is_the_step_bit_for_bit(backend, dtype, master, skip)
 @pytest.mark.parametrize(("dtype", "master"), STORAGE[:2], ids=["f32", "bf16-master"])
 @pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "misaligned-update"])
 def test_streamed_update_is_the_in_place_step_bit_for_bit(dtype, master, misaligned):
-    """A separate ``update`` of 8 MiB or more is written with streaming stores (the C++ kernels): the same
-    bits as ``u`` written over the gradient, in ``update``'s every element (NaN-poisoned before) and in
-    every other output; ``misaligned``: ``update`` is one tensor per segment, each 2 elements past a
-    16-byte boundary (a flat buffer must be aligned)."""
+    """A separate ``update`` gets the ``u`` of a segment larger than a wave with streaming stores (the C++
+    kernels): the same bits as ``u`` written over the gradient, in that segment's every element of
+    ``update`` (NaN-poisoned before) and in every other output; the waves of smaller segments keep their
+    ``u`` in scratch. ``misaligned``: ``update`` is one tensor per segment, each 2 elements past a 16-byte
+    boundary (a flat buffer must be aligned)."""
     gen = torch.Generator().manual_seed(5)
     sizes = [1, 0, 4_300_001 if dtype == torch.bfloat16 else 2_200_003, 77, 5000]
     offsets = torch.tensor([0, *(-(-n // 16) * 16 for n in sizes)]).cumsum(0)
@@ -270,10 +271,49 @@ def test_streamed_update_is_the_in_place_step_bit_for_bit(dtype, master, misalig
     for key, value in in_place.items():
         if key != "grad":
             assert value is None or torch.equal(streamed[key], value), key
-    for j, (lo, n) in enumerate(zip(starts, sizes)):
-        if j != 3:  # the inactive segment: nothing written
-            written = pieces[j] if misaligned else flat[lo : lo + n]
-            assert torch.equal(written, in_place["grad"][lo : lo + n]), j
+    lo, n = starts[2], sizes[2]  # the one segment larger than a wave
+    written = pieces[2] if misaligned else flat[lo : lo + n]
+    assert torch.equal(written, in_place["grad"][lo : lo + n])
+
+
+@pytest.mark.skipif(not cpp_available(), reason="extension not built")
+@pytest.mark.parametrize(("dtype", "master"), STORAGE[:2], ids=["f32", "bf16-master"])
+def test_step_in_waves_is_the_two_pass_step_bit_for_bit(dtype, master):
+    """The C++ ``lamb_step_`` runs both passes wave by wave (segments of up to 2**20 elements together,
+    ``u`` of those kept in scratch; a larger segment alone): every output is that of ``lamb_update_`` then
+    ``lamb_apply_``, which run each pass over all segments, with ``u`` in ``update``."""
+    gen = torch.Generator().manual_seed(8)
+    sizes = [300_001, 5, 0, 700_000, 1, 1_100_000, 400_000, 77, 250_000, 3]
+    offsets = torch.tensor([0, *(-(-n // 16) * 16 for n in sizes)]).cumsum(0)
+    table = ChunkTable.from_offsets(offsets, lengths=sizes)
+    waves = make_case("cpu", offsets, dtype, master, gen, inactive=(4, 7))
+    split = {k: None if v is None else v.clone() for k, v in waves.items()}
+    scalars = {"grad_sq_norm": torch.tensor([4e6])}
+    room = lambda: torch.full((int(offsets[-1]),), float("nan"), dtype=dtype)
+    with poisoned_memory():
+        stats = run_op(waves, table, update=room(), **scalars)
+    update = room()
+    expected = ops.lamb_update_(
+        *(split[k] for k in ("param", "grad", "exp_avg", "exp_avg_sq")),
+        table.offsets,
+        **{k: split[k] for k in ("hyper", "step", "master", "inv_grad_scale")},
+        update=update,
+        chunks=table,
+        **scalars,
+    )
+    ops.lamb_apply_(
+        split["param"],
+        update,
+        table.offsets,
+        **{k: split[k] for k in ("hyper", "step", "master")},
+        stats=expected,
+        chunks=table,
+        **scalars,
+    )
+    assert expected[:, ops.LAMB_RATIO].ne(1).sum() >= 6  # trust ratios at work
+    torch.testing.assert_close(stats, expected, rtol=0, atol=0)
+    for key, value in waves.items():
+        assert value is None or torch.equal(split[key], value), key
 
 
 def test_apply_checks_the_stats_table():

@@ -182,9 +182,12 @@ def lamb_step_(
         hyper: float32 ``[S, NUM_LAMB_HYPER]`` table on the device (rows from :func:`lamb_hyper_row`).
         step: float32 ``[S]`` steps taken so far per segment; incremented in place unless skipped.
         master: float32 master weights for bfloat16/float16 ``param`` (None for float32 ``param``).
-        update: where pass 1 stores ``u`` for pass 2 (``param``'s dtype); ``grad`` itself when None. A
-            separate ``update`` of 8 MiB or more is written with streaming stores by the C++ kernels
-            (no write-allocate reads: the 40 bytes above instead of 44).
+        update: where pass 1 stores ``u`` for pass 2 (``param``'s dtype); ``grad`` itself when None.
+            The C++ kernels run both passes in waves of consecutive segments of up to 2**20 elements
+            together, so that pass 2 finds ``w`` and ``u`` still cached, and keep a wave's ``u`` in a
+            scratch buffer of the calling thread's (4 MiB for float32): a separate ``update`` then
+            receives only the ``u`` of larger segments, with streaming stores (no write-allocate reads).
+            Its contents after the call are unspecified; ``grad`` with ``update=None`` always holds ``u``.
         grad_sq_norm: one-element float32 ``|s*g|^2`` over every segment being clipped together; enables
             clipping (column ``LAMB_MAX_GRAD_NORM``, ``inf`` = not clipped) and the finiteness check.
         inv_grad_scale: one-element float32 ``s`` (a GradScaler's ``1/scale``); 1 when None.
