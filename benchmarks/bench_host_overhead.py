@@ -14,12 +14,15 @@ Providers, each timed as microseconds per micro-batch (a run of :data:`MICRO_BAT
 
 Times are the CPU time of the training thread (``time.thread_time``: time the thread is descheduled on a
 shared machine does not count; on CUDA, wall time up to a device sync), providers run round-robin.
-``python -m benchmarks.bench_host_overhead`` prints the table; ``python -m benchmarks.run --only
-host_overhead`` writes it with the other benchmarks.
+``python -m benchmarks.bench_host_overhead`` prints the table, each provider's excess over the plain loop
+both as the difference of the medians and as the median of the per-round differences (with their
+quartiles): a round's providers run back to back, so the second is the one a shared machine's load moves
+least. ``python -m benchmarks.run --only host_overhead`` writes the table with the other benchmarks.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 
@@ -42,10 +45,16 @@ def make_model(device: torch.device) -> nn.Module:
 
 def run(device: torch.device, quick: bool = False) -> list[Row]:
     """One row per provider; ``p20_ms``, ``p50_ms``, ``p80_ms`` are milliseconds per micro-batch."""
+    case = f"mlp-32-64-10 b{MICRO}"
+    return [Row(NAME, case, name, *quantiles(slot), 0) for name, slot in timings(device, quick).items()]
+
+
+def timings(device: torch.device, quick: bool = False) -> dict[str, list[float]]:
+    """``{provider: milliseconds per micro-batch in each round}``, on one thread."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _run(device, reps=10 if quick else 40)
+        return _timings(device, reps=10 if quick else 40)
     finally:
         torch.set_num_threads(previous)
 
@@ -104,7 +113,7 @@ def providers(device: torch.device) -> list[tuple[str, Callable[[], None]]]:
     ]
 
 
-def _run(device: torch.device, reps: int) -> list[Row]:
+def _timings(device: torch.device, reps: int) -> dict[str, list[float]]:
     timed = providers(device)
     clock = time.perf_counter if device.type == "cuda" else time.thread_time
     times: list[list[float]] = [[] for _ in timed]
@@ -116,19 +125,23 @@ def _run(device: torch.device, reps: int) -> list[Row]:
             sync(device)
             if rep >= 0:
                 slot.append((clock() - start) * 1e3 / MICRO_BATCHES)
-    case = f"mlp-32-64-10 b{MICRO}"
-    return [Row(NAME, case, name, *quantiles(slot), 0) for slot, (name, _) in zip(times, timed)]
+    return {name: slot for slot, (name, _) in zip(times, timed)}
 
 
 def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rows = run(device)
-    base = next(r.p50_ms for r in rows if r.provider == BASELINE)
-    print(f"{'us per micro-batch':<26} {'p20':>8} {'p50':>8} {'p80':>8} {'over plain':>11}")
-    for r in rows:
+    times = timings(device)
+    base = times[BASELINE]
+    print(
+        f"{'us per micro-batch':<26} {'p20':>8} {'p50':>8} {'p80':>8} {'over plain':>11}   "
+        "per-round excess: median [quartiles]"
+    )
+    for name, slot in times.items():
+        p20, p50, p80 = (1e3 * q for q in quantiles(slot))
+        diffs = statistics.quantiles([1e3 * (t - b) for t, b in zip(slot, base)], n=4, method="inclusive")
         print(
-            f"{r.provider:<26} {1e3 * r.p20_ms:>8.1f} {1e3 * r.p50_ms:>8.1f} {1e3 * r.p80_ms:>8.1f} "
-            f"{1e3 * (r.p50_ms - base):>+11.1f}"
+            f"{name:<26} {p20:>8.1f} {p50:>8.1f} {p80:>8.1f} {p50 - 1e3 * statistics.median(base):>+11.1f}   "
+            f"{diffs[1]:+.1f} [{diffs[0]:+.1f}, {diffs[2]:+.1f}]"
         )
 
 
