@@ -330,33 +330,57 @@ void* wave_scratch(int64_t bytes) {
   thread_local int64_t capacity = 0;
   if (capacity < bytes) {
     const int64_t rounded = (bytes + 63) / 64 * 64;
-    buffer.reset(std::aligned_alloc(64, rounded));
-    TORCH_CHECK(buffer, "lamb_step_: cannot allocate ", rounded, " bytes of scratch");
+    void* fresh = std::aligned_alloc(64, rounded);
+    TORCH_CHECK(fresh, "lamb_step_: cannot allocate ", rounded, " bytes of scratch");
+    buffer.reset(fresh);
     capacity = rounded;
   }
   return buffer.get();
 }
 
+// Whether some segment of [first, last) has its u written over its gradient (update is grad there).
+template <typename scalar_t>
+bool writes_over_grad(const Buffers& b, const Layout& layout, int64_t first, int64_t last) {
+  for (int64_t j = first; j < last; ++j) {
+    const int64_t lo = layout.offsets[j];
+    if (layout.lengths[j] > 0 && b.grad.chunk<scalar_t>(j, lo) == b.update.chunk<scalar_t>(j, lo)) return true;
+  }
+  return false;
+}
+
+// The largest chunk of the table, in elements.
+int64_t largest_chunk(const Chunks& t) {
+  int64_t largest = 0;
+  for (int64_t c = 0; c < t.num_chunks; ++c) largest = std::max(largest, t.ends[c] - t.starts[c]);
+  return largest;
+}
+
+// Whether lamb_step_ runs in waves: only when its chunks are small enough for every thread to have a few
+// of each wave's (a table of coarser chunks runs both passes over all of them instead).
+bool in_waves(const Chunks& t) {
+  return largest_chunk(t) * 2 * at::get_num_threads() <= kWaveElements;
+}
+
 // lamb_step_ when not skipped, in waves: consecutive segments of at most kWaveElements together go through
 // pass 1, their trust ratios and pass 2 before the next wave starts, so pass 2 finds w and u still cached.
-// A wave's u stays in a scratch buffer (unless it goes over the gradient): it is never written to memory.
-// A segment larger than a wave is a wave of its own, with u in `update` (streamed when separate).
+// A wave's u stays in a scratch buffer (unless update is grad for one of its segments: then u goes over the
+// gradient as in the two passes): it is never written to memory. A segment larger than a wave is a wave
+// of its own, with u in `update` (streamed when separate).
 // The chunks' partial sums and their per-segment reduction are the two-pass ones: the same bits.
 template <typename scalar_t, bool kMaster>
 void step_in_waves(const Buffers& b, const float* h, const float* steps, const Chunks& t, const StepScalars& k,
                    float* stats) {
   const int64_t* off = t.layout.offsets;
   const int64_t num_segments = t.layout.num_segments;
-  const bool in_place = b.update.data == b.grad.data;
-  void* scratch = in_place ? nullptr : wave_scratch(kWaveElements * static_cast<int64_t>(sizeof(scalar_t)));
+  void* scratch = wave_scratch(kWaveElements * static_cast<int64_t>(sizeof(scalar_t)));
   std::vector<float> partials(t.num_chunks * kNumStats);
   for (int64_t first = 0; first < num_segments;) {
     int64_t last = first + 1;
     while (last < num_segments && off[last + 1] - off[first] <= kWaveElements) ++last;
-    const int64_t extent = off[last] - off[first];
-    const bool cached = extent <= kWaveElements;
-    const UTarget u{&b.update, cached ? scratch : nullptr, off[first]};
-    const bool stream = !cached && !in_place;
+    const bool cached = off[last] - off[first] <= kWaveElements;
+    const bool over_grad = writes_over_grad<scalar_t>(b, t.layout, first, last);
+    const UTarget u{&b.update, cached && !over_grad ? scratch : nullptr, off[first]};
+    const bool stream = !cached && !over_grad;
     const ChunkRange range{t.segment_chunks[first], t.segment_chunks[last]};
     update_pass<scalar_t, kMaster, true>(b, u, h, steps, t, range, k.inv_scale, std::sqrt(k.norm_sq), stream,
                                          partials.data());
@@ -410,7 +434,7 @@ at::Tensor lamb_step_cpu(at::TensorList param, at::TensorList grad, at::TensorLi
   const Buffers b = lamb_buffers(param, grad, update, exp_avg, exp_avg_sq, master, table, step, hyper);
   const StepScalars k = step_scalars(grad_sq_norm, inv_grad_scale, found_inf);
   const float* h = hyper.const_data_ptr<float>();
-  if (k.skip) {  // pass 1 for the statistics only, nothing written
+  if (k.skip || !in_waves(table)) {  // skipped: pass 1 for the statistics only, nothing written
     at::Tensor stats = run_update(b, master.has_value(), h, step.const_data_ptr<float>(), table, k);
     run_apply(b, master.has_value(), h, step.data_ptr<float>(), table, k, stats, found_inf);
     return stats;

@@ -17,8 +17,9 @@
 
 namespace dynbatch {
 
-// Buffers from this size on get streaming stores: beside the four to six other streams of a fused pass, a
-// result this large no longer survives in a last-level cache of a few tens of MiB until the next pass.
+// Buffers from this size on get streaming stores (lamb_update_; lamb_step_ decides per wave): beside the
+// four to six other streams of a fused pass, a result this large no longer survives in a last-level cache
+// of a few tens of MiB until the next pass.
 constexpr int64_t kStreamMinBytes = int64_t{8} << 20;
 
 // dst[0, bytes) = src[0, bytes) with streaming stores for the 16-byte-aligned body of dst.

@@ -278,10 +278,13 @@ def test_streamed_update_is_the_in_place_step_bit_for_bit(dtype, master, misalig
 
 @pytest.mark.skipif(not cpp_available(), reason="extension not built")
 @pytest.mark.parametrize(("dtype", "master"), STORAGE[:2], ids=["f32", "bf16-master"])
-def test_step_in_waves_is_the_two_pass_step_bit_for_bit(dtype, master):
+@pytest.mark.parametrize("over_grad", [False, True], ids=["separate-update", "update-is-grad-views"])
+def test_step_in_waves_is_the_two_pass_step_bit_for_bit(dtype, master, over_grad):
     """The C++ ``lamb_step_`` runs both passes wave by wave (segments of up to 2**20 elements together,
     ``u`` of those kept in scratch; a larger segment alone): every output is that of ``lamb_update_`` then
-    ``lamb_apply_``, which run each pass over all segments, with ``u`` in ``update``."""
+    ``lamb_apply_``, which run each pass over all segments, with ``u`` in ``update``. ``over_grad``:
+    ``grad`` is the per-segment views of the flat ``update`` (FusedLAMB's call on bound gradients), so
+    every segment's gradient ends holding ``u``, as in the two passes."""
     gen = torch.Generator().manual_seed(8)
     sizes = [300_001, 5, 0, 700_000, 1, 1_100_000, 400_000, 77, 250_000, 3]
     offsets = torch.tensor([0, *(-(-n // 16) * 16 for n in sizes)]).cumsum(0)
@@ -290,20 +293,24 @@ def test_step_in_waves_is_the_two_pass_step_bit_for_bit(dtype, master):
     split = {k: None if v is None else v.clone() for k, v in waves.items()}
     scalars = {"grad_sq_norm": torch.tensor([4e6])}
     room = lambda: torch.full((int(offsets[-1]),), float("nan"), dtype=dtype)
+    grad, update = waves["grad"], room()
+    if over_grad:  # the same memory: grad as segment views of the flat update
+        update = waves["grad"]
+        grad = [update[lo : lo + n] for lo, n in zip(offsets[:-1].tolist(), sizes)]
     with poisoned_memory():
-        stats = run_op(waves, table, update=room(), **scalars)
-    update = room()
+        stats = run_op({**waves, "grad": grad}, table, update=update, **scalars)
+    split_update = split["grad"] if over_grad else room()  # u over the gradient, or a separate buffer
     expected = ops.lamb_update_(
         *(split[k] for k in ("param", "grad", "exp_avg", "exp_avg_sq")),
         table.offsets,
         **{k: split[k] for k in ("hyper", "step", "master", "inv_grad_scale")},
-        update=update,
+        update=None if over_grad else split_update,
         chunks=table,
         **scalars,
     )
     ops.lamb_apply_(
         split["param"],
-        update,
+        split_update,
         table.offsets,
         **{k: split[k] for k in ("hyper", "step", "master")},
         stats=expected,

@@ -159,8 +159,10 @@ def lamb_step_(
     then gives ``r_j``; pass 2 reads ``w, u`` and writes ``w``. ``w`` is ``master`` when given (float32
     master weights of bfloat16/float16 parameters; both are written in pass 2), else ``param``.
 
-    Bytes per element: float32 40 (pass 1: 16 read + 12 written; pass 2: 8 + 4), the floor for LAMB as
-    ``|u|_j`` must be known before any ``w`` moves; bfloat16/float16 with a master copy 36, without 28.
+    Bytes per element: float32 40 (pass 1: 16 read + 12 written; pass 2: 8 + 4), the floor for LAMB through
+    memory as ``|u|_j`` must be known before any ``w`` moves (the C++ kernels' waves, under ``update``,
+    move 28 for tensors small enough, 32 with ``u`` over the gradient); bfloat16/float16 with a master
+    copy 36, without 28.
     Clipping needs ``G`` before pass 1: from an earlier reduction (e.g. :func:`accumulate_`'s sums) it
     costs nothing; measured by :func:`lamb_grad_sq_norm` (pass 0) it costs one more read of ``grad``
     (+4 bytes float32, +2 bfloat16: 44 bytes in all for float32).
@@ -187,7 +189,10 @@ def lamb_step_(
             together, so that pass 2 finds ``w`` and ``u`` still cached, and keep a wave's ``u`` in a
             scratch buffer of the calling thread's (4 MiB for float32): a separate ``update`` then
             receives only the ``u`` of larger segments, with streaming stores (no write-allocate reads).
-            Its contents after the call are unspecified; ``grad`` with ``update=None`` always holds ``u``.
+            Its contents after the call are unspecified; where ``update`` is ``grad`` (None, or a
+            segment's same memory) the gradient always holds ``u``. Tables of chunks too coarse to share
+            a wave among the threads (over ``2**20 / (2 * threads)`` elements) run each pass over all
+            chunks instead.
         grad_sq_norm: one-element float32 ``|s*g|^2`` over every segment being clipped together; enables
             clipping (column ``LAMB_MAX_GRAD_NORM``, ``inf`` = not clipped) and the finiteness check.
         inv_grad_scale: one-element float32 ``s`` (a GradScaler's ``1/scale``); 1 when None.

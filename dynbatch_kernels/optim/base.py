@@ -8,7 +8,7 @@ gradients themselves, one tensor per segment, which the kernels read and write w
 per-segment address tables): no copy in or out. A parameter whose ``p.grad`` is ``None`` (or with
 ``requires_grad=False``) is skipped: no update, no state change. A non-contiguous ``p.grad`` is copied
 into the private gradient buffer first; non-contiguous parameters put their whole buffer on the copying
-path below. The private buffers then hold the update ``u`` of LAMB (the gradient buffer) and nothing
+path below. The private buffers then serve the update ``u`` of LAMB (the gradient buffer) and nothing
 else that the step reads.
 
 The copying path (other subclasses, or non-contiguous parameters) each step
