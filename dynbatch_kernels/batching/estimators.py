@@ -21,11 +21,10 @@ the averages. Everything here is host arithmetic on a few floats per step.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class StepEstimate:
+class StepEstimate(NamedTuple):
     """One optimizer step's raw estimates: ``tr(Sigma)`` per sample and ``|G_true|^2``."""
 
     trace: float
