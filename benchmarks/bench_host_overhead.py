@@ -100,7 +100,7 @@ def providers(device: torch.device) -> list[tuple[str, Callable[[], None]]]:
                     model.zero_grad()
                 loss = loss_fn(model(x), y)
                 loss.backward()
-                if acc.accumulate(len(y), loss.detach()):
+                if acc.accumulate(MICRO, loss.detach()):
                     acc.step()
 
         return loop

@@ -61,6 +61,7 @@ import math
 import numbers
 from collections import deque
 from dataclasses import asdict, dataclass, field
+from operator import attrgetter, is_
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -77,6 +78,7 @@ from dynbatch_kernels.optim.base import FlatOptimizer
 from dynbatch_kernels.sharding import Sharding, is_dtensor
 
 logger = logging.getLogger(__name__)
+_requires_grad = attrgetter("requires_grad")  # for C-level loops (map) over the parameters
 
 #: Records kept in :attr:`GradientAccumulator.history` by default (the most recent ones).
 HISTORY_SIZE = 1024
@@ -412,11 +414,11 @@ class GradientAccumulator:
         current = self._buffers.layout.params
         if self._layout is None:
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
-            if len(params) != len(current) or any(p is not q for p, q in zip(params, current)):
+            if len(params) != len(current) or not all(map(is_, params, current)):
                 return True
             if self._buffers.layout.stale() is not None:
                 return True
-        return tuple(p.requires_grad for p in current) != self._buffers.trainable
+        return tuple(map(_requires_grad, current)) != self._buffers.trainable
 
     def _rebuild(self, layout: FlatLayout | None) -> None:
         """New buffers over ``layout`` (None: a private layout over the optimizer's groups), carrying the

@@ -26,12 +26,16 @@ shards get ``A * scale`` (a copy), and after it zeros again.
 
 from __future__ import annotations
 
+from operator import attrgetter, is_
+
 import torch
 
 from dynbatch_kernels.backends import backend_module
 from dynbatch_kernels.checks import GRAD_DTYPES, check_flat, check_same, table_for
 from dynbatch_kernels.layout import FlatBuffer, FlatLayout
 from dynbatch_kernels.sharding import local_tensor
+
+_grad = attrgetter("grad")  # p.grad, for loops that run in C (map) without a Python frame per parameter
 
 Index = tuple[int, int]  # (buffer, segment)
 
@@ -87,7 +91,7 @@ class StepBuffers:
                 self._operands[b] = self._shard_operand(b, buf)
                 continue
             bound = self._bound[b]
-            if all(p.grad is v for p, v in zip(buf.params, bound)):
+            if all(map(is_, map(_grad, buf.params), bound)):  # C-level loops: no frame per parameter
                 continue
             views, present = self._views[b], self.present[b]
             stale: list[torch.Tensor] = []

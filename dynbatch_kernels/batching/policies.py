@@ -46,7 +46,7 @@ class Observation(NamedTuple):
 
 def column_sums(rows: Sequence[Sequence[float]]) -> list[float]:
     """The four columns of ``[S, 4]`` host sums added over their rows (segments)."""
-    return [sum(column) for column in zip(*rows)]
+    return list(map(sum, zip(*rows)))
 
 
 def sums_angle(row: Sequence[float]) -> float:
