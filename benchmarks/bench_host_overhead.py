@@ -16,8 +16,9 @@ Times are the CPU time of the training thread (``time.thread_time``: time the th
 shared machine does not count; on CUDA, wall time up to a device sync), providers run round-robin.
 ``python -m benchmarks.bench_host_overhead`` prints the table, each provider's excess over the plain loop
 both as the difference of the medians and as the median of the per-round differences (with their
-quartiles): a round's providers run back to back, so the second is the one a shared machine's load moves
-least. ``python -m benchmarks.run --only host_overhead`` writes the table with the other benchmarks.
+quartiles): a round's providers run back to back, so its differences cancel most of a shared machine's
+load, which comes and goes over many rounds. ``python -m benchmarks.run --only host_overhead`` writes the
+table with the other benchmarks.
 """
 
 from __future__ import annotations

@@ -434,7 +434,8 @@ at::Tensor lamb_step_cpu(at::TensorList param, at::TensorList grad, at::TensorLi
   const Buffers b = lamb_buffers(param, grad, update, exp_avg, exp_avg_sq, master, table, step, hyper);
   const StepScalars k = step_scalars(grad_sq_norm, inv_grad_scale, found_inf);
   const float* h = hyper.const_data_ptr<float>();
-  if (k.skip || !in_waves(table)) {  // skipped: pass 1 for the statistics only, nothing written
+  // Skipped (pass 1 for the statistics only, nothing written), or chunks too coarse for waves: two passes.
+  if (k.skip || !in_waves(table)) {
     at::Tensor stats = run_update(b, master.has_value(), h, step.const_data_ptr<float>(), table, k);
     run_apply(b, master.has_value(), h, step.data_ptr<float>(), table, k, stats, found_inf);
     return stats;
