@@ -173,9 +173,9 @@ struct ChunkRange {
   int64_t begin, end;
 };
 
-// Pass 1 over the range. `stream`: u goes to a separate update buffer too large to stay cached until
-// pass 2 reads it, so it is written with streaming stores, which spares the write-allocate read of each
-// of its lines.
+// Pass 1 over the range. `stream`: the update buffer is too large to stay cached until pass 2 reads it, so
+// a chunk whose u goes there (not over its gradient: that is decided here, per chunk) is written with
+// streaming stores, which spares the write-allocate read of each of its lines.
 template <typename scalar_t, bool kMaster, bool kWrite>
 void update_pass(const Buffers& b, const UTarget& u, const float* hyper, const float* steps, const Chunks& t,
                  ChunkRange range, float inv_scale, float grad_norm, bool stream, float* partials) {
@@ -286,8 +286,7 @@ at::Tensor run_update(const Buffers& b, bool has_master, const float* h, const f
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype_or(b.param, at::kFloat), "lamb_update_", [&] {
     using pass1_t = void (*)(const Buffers&, const UTarget&, const float*, const float*, const Chunks&,
                              ChunkRange, float, float, bool, float*);
-    const bool stream = b.update.data != b.grad.data &&
-                        table.layout.num_elements * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamMinBytes;
+    const bool stream = table.layout.num_elements * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamMinBytes;
     const pass1_t passes[2][2] = {{update_pass<scalar_t, false, false>, update_pass<scalar_t, false, true>},
                                   {update_pass<scalar_t, true, false>, update_pass<scalar_t, true, true>}};
     passes[has_master][!k.skip](b, UTarget{&b.update}, h, steps, table, {0, table.num_chunks}, k.inv_scale,
@@ -380,10 +379,9 @@ void step_in_waves(const Buffers& b, const float* h, const float* steps, const C
     const bool cached = off[last] - off[first] <= kWaveElements;
     const bool over_grad = writes_over_grad<scalar_t>(b, t.layout, first, last);
     const UTarget u{&b.update, cached && !over_grad ? scratch : nullptr, off[first]};
-    const bool stream = !cached && !over_grad;
     const ChunkRange range{t.segment_chunks[first], t.segment_chunks[last]};
-    update_pass<scalar_t, kMaster, true>(b, u, h, steps, t, range, k.inv_scale, std::sqrt(k.norm_sq), stream,
-                                         partials.data());
+    update_pass<scalar_t, kMaster, true>(b, u, h, steps, t, range, k.inv_scale, std::sqrt(k.norm_sq),
+                                         /*stream=*/!cached, partials.data());
     sum_segments(partials.data(), kNumStats, t, first, last, stats);
     trust_ratios(stats, h, first, last);
     apply_pass<scalar_t, kMaster>(b, u, h, stats, t, range);

@@ -72,8 +72,15 @@ class ChunkTable:
         object.__setattr__(self, "_op_args", op_args)  # built once (a frozen dataclass)
         #: The table as the C++ kernels take it (``host_offsets``, ``host_lengths``, ``starts``, ``ends``,
         #: ``segment_chunks``, ``chunk_segments``: their schemas' order); built once.
-        cpu_args = (self.host_offsets, self.host_lengths, self.starts, self.ends, self.segment_chunks)
-        object.__setattr__(self, "cpu_args", (*cpu_args, self.chunk_segments))
+        cpu_args = (
+            self.host_offsets,
+            self.host_lengths,
+            self.starts,
+            self.ends,
+            self.segment_chunks,
+            self.chunk_segments,
+        )
+        object.__setattr__(self, "cpu_args", cpu_args)
 
     @classmethod
     def from_op_args(cls, tensors: list[torch.Tensor], sizes: list[int]) -> ChunkTable:
