@@ -171,6 +171,11 @@ PyObject* call_cpu(PyObject* /*module*/, PyObject* args) {
   stack.reserve(params.size());
   for (size_t i = 0; i < params.size(); ++i) stack.push_back(schema_arg(PyTuple_GET_ITEM(args, i + 1), params[i]));
   {
+    // A second reference to every argument until the GIL is back. A tensor that Python holds takes the GIL
+    // whenever its C++ reference count goes between 1 and 2 (torch keeps its Python object alive that way);
+    // without this copy the kernel's unboxing would move each list's tensors out of the stack and drop them
+    // with the GIL released: two GIL round trips per tensor.
+    const torch::jit::Stack held = stack;
     pybind11::gil_scoped_release no_gil;
     op.redispatchBoxed(c10::DispatchKeySet(c10::DispatchKey::CPU), &stack);
   }

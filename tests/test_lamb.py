@@ -248,32 +248,49 @@ def test_update_then_apply_is_the_step_bit_for_bit(backend, dtype, master, skip)
 @pytest.mark.skipif(not cpp_available(), reason="extension not built")
 @pytest.mark.parametrize(("dtype", "master"), STORAGE[:2], ids=["f32", "bf16-master"])
 @pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "misaligned-update"])
-def test_streamed_update_is_the_in_place_step_bit_for_bit(dtype, master, misaligned):
-    """A separate ``update`` gets the ``u`` of a segment larger than a wave with streaming stores (the C++
-    kernels): the same bits as ``u`` written over the gradient, in that segment's every element of
-    ``update`` (NaN-poisoned before) and in every other output; the waves of smaller segments keep their
-    ``u`` in scratch. ``misaligned``: ``update`` is one tensor per segment, each 2 elements past a 16-byte
-    boundary (a flat buffer must be aligned)."""
+def test_streamed_update_is_the_in_place_update_bit_for_bit(dtype, master, misaligned):
+    """``lamb_update_`` (pass 1 alone) writes a separate ``update`` of 8 MiB or more with streaming stores
+    (the C++ kernels): the same bits as ``u`` written over the gradient, in every element of ``update``
+    (NaN-poisoned before) and in every other output. ``lamb_step_`` on the same buffers writes no
+    ``update``: each wave's ``u`` stays in scratch and the larger segment's is recomputed by pass 2, with
+    the in-place step's bits. ``misaligned``: ``update`` is one tensor per segment, each 2 elements past a
+    16-byte boundary (a flat buffer must be aligned)."""
     gen = torch.Generator().manual_seed(5)
     sizes = [1, 0, 4_300_001 if dtype == torch.bfloat16 else 2_200_003, 77, 5000]
     offsets = torch.tensor([0, *(-(-n // 16) * 16 for n in sizes)]).cumsum(0)
     table = ChunkTable.from_offsets(offsets, lengths=sizes)
     in_place = make_case("cpu", offsets, dtype, master, gen, inactive=(3,))
     streamed = {k: None if v is None else v.clone() for k, v in in_place.items()}
+    stepped = {k: None if v is None else v.clone() for k, v in in_place.items()}
     room = torch.full((int(offsets[-1]) + 2,), float("nan"), dtype=dtype)
     starts = offsets[:-1].tolist()
     flat = room[:-2]
     assert flat.numel() * flat.element_size() >= 8 << 20
     pieces = [room[2 + lo : 2 + lo + n] for lo, n in zip(starts, sizes)]
-    stats = run_op(streamed, table, update=pieces if misaligned else flat)
-    expected = run_op(in_place, table)
+    pass1 = ("param", "grad", "exp_avg", "exp_avg_sq")
+    update_args = {"chunks": table, **{k: in_place[k] for k in ("hyper", "step", "master", "inv_grad_scale")}}
+    stats = ops.lamb_update_(
+        *(streamed[k] for k in pass1), table.offsets, update=pieces if misaligned else flat, **update_args
+    )
+    expected = ops.lamb_update_(*(in_place[k] for k in pass1), table.offsets, **update_args)
     torch.testing.assert_close(stats, expected, rtol=0, atol=0)
     for key, value in in_place.items():
         if key != "grad":
             assert value is None or torch.equal(streamed[key], value), key
-    lo, n = starts[2], sizes[2]  # the one segment larger than a wave
-    written = pieces[2] if misaligned else flat[lo : lo + n]
-    assert torch.equal(written, in_place["grad"][lo : lo + n])
+    for j, (lo, n) in enumerate(zip(starts, sizes)):
+        if in_place["hyper"][j, ops.LAMB_ACTIVE] != 0:
+            written = pieces[j] if misaligned else flat[lo : lo + n]
+            assert torch.equal(written, in_place["grad"][lo : lo + n]), j
+
+    room.fill_(float("nan"))
+    whole = {k: None if v is None else v.clone() for k, v in stepped.items()}
+    stats = run_op(stepped, table, update=pieces if misaligned else flat)
+    expected = run_op(whole, table)
+    torch.testing.assert_close(stats, expected, rtol=0, atol=0)
+    for key, value in whole.items():
+        if key != "grad":
+            assert value is None or torch.equal(stepped[key], value), key
+    assert room.isnan().all()
 
 
 @pytest.mark.skipif(not cpp_available(), reason="extension not built")
@@ -281,7 +298,8 @@ def test_streamed_update_is_the_in_place_step_bit_for_bit(dtype, master, misalig
 @pytest.mark.parametrize("over_grad", [False, True], ids=["separate-update", "update-is-grad-views"])
 def test_step_in_waves_is_the_two_pass_step_bit_for_bit(dtype, master, over_grad):
     """The C++ ``lamb_step_`` runs both passes wave by wave (segments of up to 2**20 elements together,
-    ``u`` of those kept in scratch; a larger segment alone): every output is that of ``lamb_update_`` then
+    ``u`` of those kept in scratch; a larger segment alone, its ``u`` recomputed by pass 2 unless it goes over
+    the gradient): every output is that of ``lamb_update_`` then
     ``lamb_apply_``, which run each pass over all segments, with ``u`` in ``update``. ``over_grad``:
     ``grad`` is the per-segment views of the flat ``update`` (FusedLAMB's call on bound gradients), so
     every segment's gradient ends holding ``u``, as in the two passes."""
