@@ -3,6 +3,7 @@
 // same pass.
 #include "chunks.h"
 #include "columns.h"
+#include "direct.h"
 
 namespace dynbatch {
 namespace {
@@ -72,5 +73,6 @@ at::Tensor accumulate_cpu(at::TensorList acc_list, at::TensorList grad_list,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dynbatch_cpp, CPU, m) { m.impl("accumulate_", accumulate_cpu); }
+DYNBATCH_DIRECT(accumulate_, accumulate_cpu);
 
 }  // namespace dynbatch

@@ -9,6 +9,7 @@
 // buffer or one tensor per segment (chunks.h).
 #include "chunks.h"
 #include "columns.h"
+#include "direct.h"
 
 namespace dynbatch {
 namespace {
@@ -147,5 +148,7 @@ TORCH_LIBRARY_IMPL(dynbatch_cpp, CPU, m) {
   m.impl("extrapolate_", extrapolate_cpu);
   m.impl("extrap_step_", extrap_step_cpu);
 }
+DYNBATCH_DIRECT(extrapolate_, extrapolate_cpu);
+DYNBATCH_DIRECT(extrap_step_, extrap_step_cpu);
 
 }  // namespace dynbatch

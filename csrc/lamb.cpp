@@ -17,6 +17,7 @@
 
 #include "chunks.h"
 #include "columns.h"
+#include "direct.h"
 #include "stream.h"
 
 namespace dynbatch {
@@ -388,7 +389,7 @@ void advance_steps(float* steps, const float* h, int64_t num_segments) {
 
 // Trust ratios from stats' norms into its ratio column, then (unless skipped) pass 2 and step += 1.
 void run_apply(const Buffers& b, bool has_master, const float* h, float* steps, const Chunks& table,
-               const StepScalars& k, at::Tensor& stats, const std::optional<at::Tensor>& found_inf) {
+               const StepScalars& k, const at::Tensor& stats, const std::optional<at::Tensor>& found_inf) {
   const int64_t num_segments = table.layout.num_segments;
   trust_ratios(stats.data_ptr<float>(), h, 0, num_segments);
   if (k.skip) {
@@ -505,7 +506,8 @@ at::Tensor lamb_update_cpu(at::TensorList param, at::TensorList grad, at::Tensor
 }
 
 void lamb_apply_cpu(at::TensorList param, at::TensorList update, std::optional<at::TensorList> master,
-                    at::Tensor step, const at::Tensor& hyper, at::Tensor stats, const at::Tensor& host_offsets,
+                    const at::Tensor& step, const at::Tensor& hyper, const at::Tensor& stats,
+                    const at::Tensor& host_offsets,
                     const at::Tensor& host_lengths, const at::Tensor& chunk_starts, const at::Tensor& chunk_ends,
                     const at::Tensor& segment_chunks, const at::Tensor& chunk_segments,
                     const std::optional<at::Tensor>& grad_sq_norm, const std::optional<at::Tensor>& found_inf) {
@@ -519,7 +521,7 @@ void lamb_apply_cpu(at::TensorList param, at::TensorList update, std::optional<a
 
 at::Tensor lamb_step_cpu(at::TensorList param, at::TensorList grad, at::TensorList update,
                          at::TensorList exp_avg, at::TensorList exp_avg_sq,
-                         std::optional<at::TensorList> master, at::Tensor step, const at::Tensor& hyper,
+                         std::optional<at::TensorList> master, const at::Tensor& step, const at::Tensor& hyper,
                          const at::Tensor& host_offsets, const at::Tensor& host_lengths,
                          const at::Tensor& chunk_starts, const at::Tensor& chunk_ends,
                          const at::Tensor& segment_chunks, const at::Tensor& chunk_segments,
@@ -589,5 +591,9 @@ TORCH_LIBRARY_IMPL(dynbatch_cpp, CPU, m) {
   m.impl("lamb_apply_", lamb_apply_cpu);
   m.impl("segment_sq_norms", segment_sq_norms_cpu);
 }
+DYNBATCH_DIRECT(lamb_step_, lamb_step_cpu);
+DYNBATCH_DIRECT(lamb_update_, lamb_update_cpu);
+DYNBATCH_DIRECT(lamb_apply_, lamb_apply_cpu);
+DYNBATCH_DIRECT(segment_sq_norms, segment_sq_norms_cpu);
 
 }  // namespace dynbatch

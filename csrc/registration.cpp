@@ -15,9 +15,30 @@
 
 #include "chunks.h"
 #include "columns.h"
+#include "direct.h"
 #include "scans.h"
 
 namespace dynbatch {
+namespace direct {
+
+namespace {
+std::unordered_map<std::string, Caller>& callers() {
+  static std::unordered_map<std::string, Caller> table;
+  return table;
+}
+}  // namespace
+
+bool add(const char* name, Caller caller) {
+  callers().emplace(name, caller);
+  return true;
+}
+
+Caller find(const std::string& name) {
+  const auto it = callers().find(name);
+  return it == callers().end() ? nullptr : it->second;
+}
+
+}  // namespace direct
 namespace {
 
 // Every op takes the chunk table as these host/CPU int64 tensors (ChunkTable fields), in this order.
@@ -92,54 +113,6 @@ PyObject* exported_columns() {
   return columns;
 }
 
-// obj as a tensor (a TypeError naming `name` otherwise).
-const at::Tensor& tensor_arg(PyObject* obj, const std::string& name) {
-  TORCH_CHECK_TYPE(dynbatch::is_tensor(obj), name, ": expected a torch.Tensor, got ", Py_TYPE(obj)->tp_name);
-  return THPVariable_Unpack(obj);
-}
-
-// The tensors of a list or tuple argument.
-c10::List<at::Tensor> tensor_list_arg(PyObject* obj, const std::string& name) {
-  TORCH_CHECK_TYPE(PyList_Check(obj) || PyTuple_Check(obj), name, ": expected a list of tensors, got ",
-                   Py_TYPE(obj)->tp_name);
-  const Py_ssize_t count = PySequence_Fast_GET_SIZE(obj);
-  PyObject** items = PySequence_Fast_ITEMS(obj);
-  c10::List<at::Tensor> tensors;
-  tensors.reserve(count);
-  for (Py_ssize_t i = 0; i < count; ++i) tensors.push_back(tensor_arg(items[i], name));
-  return tensors;
-}
-
-// One Python argument as the IValue of a schema argument (the kinds the dynbatch_cpp schemas use).
-c10::IValue schema_arg(PyObject* obj, const c10::Argument& arg) {
-  c10::TypePtr type = arg.type();
-  if (const auto optional = type->cast<c10::OptionalType>()) {
-    if (obj == Py_None) return c10::IValue();
-    type = optional->getElementType();
-  }
-  switch (type->kind()) {
-    case c10::TypeKind::TensorType:
-      return tensor_arg(obj, arg.name());
-    case c10::TypeKind::ListType:
-      return tensor_list_arg(obj, arg.name());
-    case c10::TypeKind::FloatType: {
-      const double value = PyFloat_AsDouble(obj);
-      if (value == -1.0 && PyErr_Occurred()) throw python_error();
-      return value;
-    }
-    case c10::TypeKind::IntType: {
-      const long long value = PyLong_AsLongLong(obj);
-      if (value == -1 && PyErr_Occurred()) throw python_error();
-      return static_cast<int64_t>(value);
-    }
-    case c10::TypeKind::BoolType:
-      TORCH_CHECK_TYPE(PyBool_Check(obj), arg.name(), ": expected a bool, got ", Py_TYPE(obj)->tp_name);
-      return obj == Py_True;
-    default:
-      TORCH_CHECK(false, arg.name(), ": argument type ", type->str(), " is not supported");
-  }
-}
-
 // The dynbatch_cpp operator called `name` (looked up once).
 const c10::OperatorHandle& cpp_operator(const char* name) {
   static std::unordered_map<std::string, c10::OperatorHandle> found;
@@ -151,36 +124,19 @@ const c10::OperatorHandle& cpp_operator(const char* name) {
 }
 
 // _C.call_cpu(name, *args): the CPU kernel of the operator `name` ("dynbatch_cpp::accumulate_") on args in
-// schema order (positional, every argument given), returning its tensor or None. The same kernel as
-// torch.ops.dynbatch_cpp.<op>(*args) without that call's Python argument handling, which costs about
-// 0.1 us per tensor of a list argument and is most of a small call's host time (the accumulator makes one
-// per micro-batch). For plain CPU tensors in eager mode (the callers: the dispatcher has already handled
-// any mode or subclass, or there is none), as is any direct kernel call.
+// schema order (positional, every argument given), returning its tensor or None: the same kernel as
+// torch.ops.dynbatch_cpp.<op>(*args), called directly (direct.h) without that call's argument handling,
+// which is most of a small call's host time (the accumulator makes one per micro-batch).
 PyObject* call_cpu(PyObject* /*module*/, PyObject* args) {
   HANDLE_TH_ERRORS
-  const Py_ssize_t count = PyTuple_GET_SIZE(args);
-  TORCH_CHECK_TYPE(count >= 1 && PyUnicode_Check(PyTuple_GET_ITEM(args, 0)),
+  TORCH_CHECK_TYPE(PyTuple_GET_SIZE(args) >= 1 && PyUnicode_Check(PyTuple_GET_ITEM(args, 0)),
                    "call_cpu: expected an operator name first");
   const char* name = PyUnicode_AsUTF8(PyTuple_GET_ITEM(args, 0));
   if (name == nullptr) return nullptr;
   const c10::OperatorHandle& op = cpp_operator(name);
-  const auto& params = op.schema().arguments();
-  TORCH_CHECK_TYPE(static_cast<size_t>(count - 1) == params.size(), name, ": expected ", params.size(),
-                   " arguments, got ", count - 1);
-  torch::jit::Stack stack;
-  stack.reserve(params.size());
-  for (size_t i = 0; i < params.size(); ++i) stack.push_back(schema_arg(PyTuple_GET_ITEM(args, i + 1), params[i]));
-  {
-    // A second reference to every argument until the GIL is back. A tensor that Python holds takes the GIL
-    // whenever its C++ reference count goes between 1 and 2 (torch keeps its Python object alive that way);
-    // without this copy the kernel's unboxing would move each list's tensors out of the stack and drop them
-    // with the GIL released: two GIL round trips per tensor.
-    const torch::jit::Stack held = stack;
-    pybind11::gil_scoped_release no_gil;
-    op.redispatchBoxed(c10::DispatchKeySet(c10::DispatchKey::CPU), &stack);
-  }
-  if (stack.empty()) Py_RETURN_NONE;
-  return THPVariable_Wrap(std::move(stack[0]).toTensor());
+  const dynbatch::direct::Caller caller = dynbatch::direct::find(name);
+  TORCH_CHECK(caller != nullptr, name, ": no direct CPU kernel");
+  return caller(args, op.schema().arguments());
   END_HANDLE_TH_ERRORS
 }
 

@@ -246,7 +246,8 @@ def test_devices_differ():
 @pytest.mark.skipif(not cpp_available(), reason="extension not built")
 def test_direct_cpp_entry_checks_its_arguments():
     """``_C.call_cpu``, the C++ kernels' entry without ``torch.ops`` (the C++ backend's every call), raises
-    Python's TypeError / ValueError naming the argument, writing nothing, and runs the kernel."""
+    Python's TypeError / ValueError naming the argument, writing nothing, and runs the kernel. It borrows
+    the tensors it is given: their reference counts are the same after a call, failed or not."""
     from dynbatch_kernels import _C
 
     table = ChunkTable.from_offsets(torch.tensor([0, 16, 48]), lengths=[5, 32])
@@ -267,7 +268,12 @@ def test_direct_cpp_entry_checks_its_arguments():
         _C.call_cpu("dynbatch_cpp::no_such_op")
     with pytest.raises(ValueError, match="grad: expected 2 tensors"):
         _C.call_cpu(name, [acc], [grad[:5]], None, *args, 1.0, True)
+    pieces = [grad[:5], grad[16:]]
+    counts = [t._use_count() for t in (acc, *pieces)]
+    with pytest.raises(TypeError, match=r"grad: expected a torch\.Tensor, got int"):  # after two borrowed
+        _C.call_cpu(name, [acc], [*pieces, 3], None, *args, 1.0, True)
     assert not acc.any() and grad.eq(1).all()
-    sums = _C.call_cpu(name, [acc], [grad[:5], grad[16:]], None, *args, 2.0, True)
+    sums = _C.call_cpu(name, [acc], pieces, None, *args, 2.0, True)
+    assert [t._use_count() for t in (acc, *pieces)] == counts
     assert acc[:5].eq(2).all() and not acc[5:16].any() and acc[16:].eq(2).all() and not grad[16:].any()
     torch.testing.assert_close(sums[:, ops.GRAD_SQ], torch.tensor([20.0, 128.0]))
