@@ -3,8 +3,8 @@
 //                     trust ratios -> pass 2 (w -= lr * r * u, u read back from update), wave by wave:
 //                     segments that fit in the cache together run both passes before the next ones, their
 //                     u in a scratch buffer unless update is grad itself; a larger segment's u goes over
-//                     its gradient when update is grad, else pass 2 recomputes it. Nothing is written
-//                     when the step is skipped.
+//                     its gradient when update is grad, else pass 2 recomputes it (float32) or it is
+//                     streamed to update (16-bit). Nothing is written when the step is skipped.
 //   lamb_update_ / lamb_apply_: pass 1 (returning the statistics) and pass 2 (ratios from statistics that
 //                     may have been summed over the shards of each tensor in between) as two calls.
 //   segment_sq_norms: per-segment |s*x|^2 in one read (pass 0: the global gradient norm for clipping).
@@ -84,7 +84,7 @@ struct Direction {
 
 // Elements per block of pass 1: each block's u is streamed out as soon as it is computed, which keeps the
 // streaming stores interleaved with the loads (one burst per chunk stalls them). Every UStore runs the same
-// blocks and sums, so all three give the same bits.
+// blocks and sums, so all give the same bits.
 constexpr int64_t kBlock = 256;
 
 // The first bytes of the next segment's separately allocated param and grad, prefetched while the current
@@ -450,11 +450,12 @@ bool in_waves(const Chunks& t) {
 // lamb_step_ when not skipped, in waves: consecutive segments of at most kWaveElements together go through
 // pass 1, their trust ratios and pass 2 before the next wave starts, so pass 2 finds w and u still cached.
 // Where update is grad for a segment of the wave, u goes over the gradient as in the two passes. Else a
-// wave's u stays in a scratch buffer, never written to memory; a segment larger than a wave (a wave of its
-// own) drops u and pass 2 recomputes it from m, v and w: 40 bytes per float32 element like a stored u
+// wave's u stays in a scratch buffer, never written to memory; a float32 segment larger than a wave (a wave
+// of its own) drops u and pass 2 recomputes it from m, v and w: 40 bytes per element like a stored u
 // (pass 1 writes 4 fewer, pass 2 reads 4 more), but walking backwards pass 2 finds the end of m, v and w
 // still cached, where a u streamed past the cache would come back from memory (BERT-base's feed-forward
-// tensors of 2.4M elements: FusedLAMB on separate tensors ~4% faster, ad hoc A/B). `update` is not written.
+// tensors of 2.4M elements: 0.9x the streamed-u time, ad hoc A/B). A 16-bit u costs 2 bytes to store and
+// to read back against m and v's 8: such a segment's u is streamed to `update`.
 // The chunks' partial sums and their per-segment reduction are the two-pass ones, and a recomputed u is
 // pass 1's (the same Direction, rounded to the storage dtype as a stored u is): the same bits.
 template <typename scalar_t, bool kMaster>
@@ -467,17 +468,18 @@ void step_in_waves(const Buffers& b, const float* h, const float* steps, const C
   for (int64_t first = 0; first < num_segments;) {
     int64_t last = first + 1;
     while (last < num_segments && off[last + 1] - off[first] <= kWaveElements) ++last;
+    const bool cached = off[last] - off[first] <= kWaveElements;
     UTarget u{&b.update, nullptr, off[first]};
     if (!writes_over_grad<scalar_t>(b, t.layout, first, last)) {
-      if (off[last] - off[first] <= kWaveElements) {
+      if (cached) {
         u.scratch = scratch;
-      } else {
+      } else if (sizeof(scalar_t) == sizeof(float)) {
         u.update = nullptr;
       }
     }
     const ChunkRange range{t.segment_chunks[first], t.segment_chunks[last]};
     update_pass<scalar_t, kMaster, true>(b, u, h, steps, t, range, k.inv_scale, std::sqrt(k.norm_sq),
-                                         /*stream=*/false, partials.data());
+                                         /*stream=*/!cached, partials.data());
     sum_segments(partials.data(), kNumStats, t, first, last, stats);
     trust_ratios(stats, h, first, last);
     if (u.dropped()) {

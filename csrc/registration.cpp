@@ -125,18 +125,20 @@ const c10::OperatorHandle& cpp_operator(const char* name) {
 
 // _C.call_cpu(name, *args): the CPU kernel of the operator `name` ("dynbatch_cpp::accumulate_") on args in
 // schema order (positional, every argument given), returning its tensor or None: the same kernel as
-// torch.ops.dynbatch_cpp.<op>(*args), called directly (direct.h) without that call's argument handling,
-// which is most of a small call's host time (the accumulator makes one per micro-batch).
+// torch.ops.dynbatch_cpp.<op>(*args), called directly (direct.h) without the dispatcher's argument
+// handling, which is most of a small call's host time (the accumulator makes one per micro-batch).
 PyObject* call_cpu(PyObject* /*module*/, PyObject* args) {
   HANDLE_TH_ERRORS
   TORCH_CHECK_TYPE(PyTuple_GET_SIZE(args) >= 1 && PyUnicode_Check(PyTuple_GET_ITEM(args, 0)),
                    "call_cpu: expected an operator name first");
   const char* name = PyUnicode_AsUTF8(PyTuple_GET_ITEM(args, 0));
   if (name == nullptr) return nullptr;
-  const c10::OperatorHandle& op = cpp_operator(name);
+  const std::vector<c10::Argument>& schema = cpp_operator(name).schema().arguments();
+  TORCH_CHECK_TYPE(static_cast<size_t>(PyTuple_GET_SIZE(args) - 1) == schema.size(), name, ": expected ",
+                   schema.size(), " arguments, got ", PyTuple_GET_SIZE(args) - 1);
   const dynbatch::direct::Caller caller = dynbatch::direct::find(name);
   TORCH_CHECK(caller != nullptr, name, ": no direct CPU kernel");
-  return caller(args, op.schema().arguments());
+  return caller(args, schema);
   END_HANDLE_TH_ERRORS
 }
 

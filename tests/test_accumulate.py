@@ -262,7 +262,7 @@ def test_direct_cpp_entry_checks_its_arguments():
         _C.call_cpu(name, [acc], [grad], None, *args[:3], None, *args[4:], 1.0, True)
     with pytest.raises(TypeError, match="zero_grad: expected a bool"):
         _C.call_cpu(name, [acc], [grad], None, *args, 1.0, 1)
-    with pytest.raises(TypeError, match="expected 11 arguments, got 10"):
+    with pytest.raises(TypeError, match="accumulate_: expected 11 arguments, got 10"):
         _C.call_cpu(name, [acc], [grad], None, *args, 1.0)
     with pytest.raises(RuntimeError, match="dynbatch_cpp::no_such_op"):
         _C.call_cpu("dynbatch_cpp::no_such_op")
@@ -270,7 +270,7 @@ def test_direct_cpp_entry_checks_its_arguments():
         _C.call_cpu(name, [acc], [grad[:5]], None, *args, 1.0, True)
     pieces = [grad[:5], grad[16:]]
     counts = [t._use_count() for t in (acc, *pieces)]
-    with pytest.raises(TypeError, match=r"grad: expected a torch\.Tensor, got int"):  # after two borrowed
+    with pytest.raises(TypeError, match=r"grad: expected a torch\.Tensor, got int"):  # the third item
         _C.call_cpu(name, [acc], [*pieces, 3], None, *args, 1.0, True)
     assert not acc.any() and grad.eq(1).all()
     sums = _C.call_cpu(name, [acc], pieces, None, *args, 2.0, True)

@@ -251,10 +251,10 @@ def test_update_then_apply_is_the_step_bit_for_bit(backend, dtype, master, skip)
 def test_streamed_update_is_the_in_place_update_bit_for_bit(dtype, master, misaligned):
     """``lamb_update_`` (pass 1 alone) writes a separate ``update`` of 8 MiB or more with streaming stores
     (the C++ kernels): the same bits as ``u`` written over the gradient, in every element of ``update``
-    (NaN-poisoned before) and in every other output. ``lamb_step_`` on the same buffers writes no
-    ``update``: each wave's ``u`` stays in scratch and the larger segment's is recomputed by pass 2, with
-    the in-place step's bits. ``misaligned``: ``update`` is one tensor per segment, each 2 elements past a
-    16-byte boundary (a flat buffer must be aligned)."""
+    (NaN-poisoned before) and in every other output. ``lamb_step_`` on the same buffers keeps each wave's
+    ``u`` in scratch; the larger segment's is recomputed by pass 2 for float32, streamed to ``update`` for
+    bfloat16: the in-place step's bits either way. ``misaligned``: ``update`` is one tensor per segment,
+    each 2 elements past a 16-byte boundary (a flat buffer must be aligned)."""
     gen = torch.Generator().manual_seed(5)
     sizes = [1, 0, 4_300_001 if dtype == torch.bfloat16 else 2_200_003, 77, 5000]
     offsets = torch.tensor([0, *(-(-n // 16) * 16 for n in sizes)]).cumsum(0)
@@ -290,7 +290,13 @@ def test_streamed_update_is_the_in_place_update_bit_for_bit(dtype, master, misal
     for key, value in whole.items():
         if key != "grad":
             assert value is None or torch.equal(stepped[key], value), key
-    assert room.isnan().all()
+    lo, n = starts[2], sizes[2]  # the one segment larger than a wave
+    written = pieces[2] if misaligned else flat[lo : lo + n]
+    if dtype == torch.float32:  # recomputed by pass 2
+        assert room.isnan().all()
+    else:  # streamed out, nothing else written
+        assert torch.equal(written, whole["grad"][lo : lo + n])
+        assert room.isnan().sum() == room.numel() - n
 
 
 @pytest.mark.skipif(not cpp_available(), reason="extension not built")

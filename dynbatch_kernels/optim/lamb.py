@@ -96,9 +96,9 @@ class FusedLAMB(FlatOptimizer):
 
     The trust ratio comes from float32 partial sums added per segment in float64. Pass 1 writes the update
     ``u`` into the flat gradient buffer (pass 2 reads it from there; for bfloat16 gradients ``u`` is held
-    in bfloat16, a relative rounding of at most 2**-8 per update): a private copy, which the C++ kernels
-    do not touch (they keep the ``u`` of tensors small enough in a cache-sized scratch and recompute that
-    of larger ones in pass 2, see :func:`~dynbatch_kernels.ops.lamb_step_`), unless ``p.grad`` is the
+    in bfloat16, a relative rounding of at most 2**-8 per update): a private copy, where the C++ kernels
+    keep the ``u`` of tensors small enough in a cache-sized scratch instead and recompute that of larger
+    float32 ones in pass 2 (see :func:`~dynbatch_kernels.ops.lamb_step_`), unless ``p.grad`` is the
     flat buffer's view (a caller's ``bind=True`` layout, or gradients bound to it): then ``p.grad`` holds
     ``u`` after ``step()``.
     """
