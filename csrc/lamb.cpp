@@ -41,6 +41,23 @@ inline c10::BFloat16 to_storage<c10::BFloat16>(float x) {
   return c10::BFloat16(x != x ? uint16_t{0x7FC0} : rounded, c10::BFloat16::from_bits());
 }
 
+// w at index i: the master copy's when there is one, else the parameter's.
+template <typename scalar_t, bool kMaster>
+inline float weight(const scalar_t* param, const float* master, int64_t i) {
+  if constexpr (kMaster) {
+    return master[i];
+  } else {
+    return static_cast<float>(param[i]);
+  }
+}
+
+// w <- next at index i, into the master copy (if any) and the parameters.
+template <typename scalar_t, bool kMaster>
+inline void set_weight(scalar_t* param, float* master, int64_t i, float next) {
+  if constexpr (kMaster) master[i] = next;
+  param[i] = to_storage<scalar_t>(next);
+}
+
 float value_or(const std::optional<at::Tensor>& scalar, float fallback) {
   return scalar ? scalar->item<float>() : fallback;
 }
@@ -133,12 +150,7 @@ DYNBATCH_VECTORIZED void update_chunk(const scalar_t* __restrict param, const fl
 #pragma omp simd reduction(+ : block_ww, block_uu, block_gg)
     for (int64_t i = 0; i < len; ++i) {
       const int64_t at = lo + i;
-      float w;
-      if constexpr (kMaster) {
-        w = master[at];
-      } else {
-        w = static_cast<float>(param[at]);
-      }
+      const float w = weight<scalar_t, kMaster>(param, master, at);
       const float raw = static_cast<float>(g_in[i]);
       const float g = raw * grad_scale;
       const float m = beta1 * exp_avg[at] + one_minus_beta1 * g;
@@ -167,21 +179,14 @@ DYNBATCH_VECTORIZED void update_chunk(const scalar_t* __restrict param, const fl
   out[kRatio] = 0.f;
 }
 
-// Pass 2 over one chunk of n elements: w -= scale * u, into the master copy (if any) and the parameters.
+// Pass 2 over one chunk of n elements: w -= scale * u.
 template <typename scalar_t, bool kMaster>
 DYNBATCH_VECTORIZED void apply_chunk(scalar_t* __restrict param, float* __restrict master,
                                      const scalar_t* __restrict update, int64_t n, float scale) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    float w;
-    if constexpr (kMaster) {
-      w = master[i];
-    } else {
-      w = static_cast<float>(param[i]);
-    }
-    const float next = w - scale * static_cast<float>(update[i]);
-    if constexpr (kMaster) master[i] = next;
-    param[i] = to_storage<scalar_t>(next);
+    const float w = weight<scalar_t, kMaster>(param, master, i);
+    set_weight<scalar_t, kMaster>(param, master, i, w - scale * static_cast<float>(update[i]));
   }
 }
 
@@ -192,16 +197,9 @@ DYNBATCH_VECTORIZED void reapply_chunk(scalar_t* __restrict param, float* __rest
                                        int64_t n, const Direction direction, float scale) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    float w;
-    if constexpr (kMaster) {
-      w = master[i];
-    } else {
-      w = static_cast<float>(param[i]);
-    }
+    const float w = weight<scalar_t, kMaster>(param, master, i);
     const float u = static_cast<float>(to_storage<scalar_t>(direction(exp_avg[i], exp_avg_sq[i], w)));
-    const float next = w - scale * u;
-    if constexpr (kMaster) master[i] = next;
-    param[i] = to_storage<scalar_t>(next);
+    set_weight<scalar_t, kMaster>(param, master, i, w - scale * u);
   }
 }
 
@@ -278,39 +276,26 @@ void update_pass(const Buffers& b, const UTarget& u, const float* hyper, const f
 }
 
 // Pass 2 over the range, each thread's chunks in reverse: the last ones pass 1 touched are the likeliest
-// still cached.
+// still cached. u is read from its target, or recomputed from the updated moments where pass 1 dropped it.
 template <typename scalar_t, bool kMaster>
-void apply_pass(const Buffers& b, const UTarget& u, const float* hyper, const float* stats, const Chunks& t,
-                ChunkRange range) {
+void apply_pass(const Buffers& b, const UTarget& u, const float* hyper, const float* steps, const float* stats,
+                const Chunks& t, ChunkRange range) {
   at::parallel_for(range.begin, range.end, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = end - 1; c >= begin; --c) {
-      const int64_t seg = t.chunk_segments[c], lo = t.starts[c];
+      const int64_t seg = t.chunk_segments[c], lo = t.starts[c], n = t.ends[c] - lo;
       const float* h = hyper + seg * kNumHyper;
       if (h[kActive] == 0.f) continue;
-      apply_chunk<scalar_t, kMaster>(b.param.chunk<scalar_t>(seg, lo),
-                                     kMaster ? b.master.chunk<float>(seg, lo) : nullptr,
-                                     u.chunk<scalar_t>(seg, lo), t.ends[c] - lo,
-                                     h[kLr] * stats[seg * kNumStats + kRatio]);
-    }
-  });
-}
-
-// Pass 2 over the range with u recomputed from the updated moments (pass 1 dropped it), each thread's
-// chunks in reverse.
-template <typename scalar_t, bool kMaster>
-void reapply_pass(const Buffers& b, const float* hyper, const float* steps, const float* stats, const Chunks& t,
-                  ChunkRange range) {
-  at::parallel_for(range.begin, range.end, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = end - 1; c >= begin; --c) {
-      const int64_t seg = t.chunk_segments[c], lo = t.starts[c];
-      const float* h = hyper + seg * kNumHyper;
-      if (h[kActive] == 0.f) continue;
+      scalar_t* param = b.param.chunk<scalar_t>(seg, lo);
+      float* master = kMaster ? b.master.chunk<float>(seg, lo) : nullptr;
+      const float scale = h[kLr] * stats[seg * kNumStats + kRatio];
+      if (!u.dropped()) {
+        apply_chunk<scalar_t, kMaster>(param, master, u.chunk<scalar_t>(seg, lo), n, scale);
+        continue;
+      }
       const Coefficients k = coefficients(h, steps[seg], 1.f, 0.f);
-      reapply_chunk<scalar_t, kMaster>(b.param.chunk<scalar_t>(seg, lo),
-                                       kMaster ? b.master.chunk<float>(seg, lo) : nullptr,
-                                       b.exp_avg.chunk<float>(seg, lo), b.exp_avg_sq.chunk<float>(seg, lo),
-                                       t.ends[c] - lo, {k.inv_bc1, k.inv_sqrt_bc2, k.eps, k.weight_decay},
-                                       h[kLr] * stats[seg * kNumStats + kRatio]);
+      reapply_chunk<scalar_t, kMaster>(param, master, b.exp_avg.chunk<float>(seg, lo),
+                                       b.exp_avg_sq.chunk<float>(seg, lo), n,
+                                       {k.inv_bc1, k.inv_sqrt_bc2, k.eps, k.weight_decay}, scale);
     }
   });
 }
@@ -398,7 +383,7 @@ void run_apply(const Buffers& b, bool has_master, const float* h, float* steps, 
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype_or(b.param, at::kFloat), "lamb_apply_", [&] {
     auto* run = has_master ? apply_pass<scalar_t, true> : apply_pass<scalar_t, false>;
-    run(b, UTarget{&b.update}, h, stats.const_data_ptr<float>(), table, {0, table.num_chunks});
+    run(b, UTarget{&b.update}, h, steps, stats.const_data_ptr<float>(), table, {0, table.num_chunks});
   });
   advance_steps(steps, h, num_segments);
 }
@@ -482,11 +467,7 @@ void step_in_waves(const Buffers& b, const float* h, const float* steps, const C
                                          /*stream=*/!cached, partials.data());
     sum_segments(partials.data(), kNumStats, t, first, last, stats);
     trust_ratios(stats, h, first, last);
-    if (u.dropped()) {
-      reapply_pass<scalar_t, kMaster>(b, h, steps, stats, t, range);
-    } else {
-      apply_pass<scalar_t, kMaster>(b, u, h, stats, t, range);
-    }
+    apply_pass<scalar_t, kMaster>(b, u, h, steps, stats, t, range);
     first = last;
   }
 }
