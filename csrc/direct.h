@@ -123,22 +123,29 @@ struct Arg<std::optional<at::TensorList>> {
   }
 };
 
-template <>
-struct Arg<double> {
-  double value;
-  Arg(PyObject* obj, const c10::Argument& /*a*/) : value(PyFloat_AsDouble(obj)) {
-    if (value == -1.0 && PyErr_Occurred()) throw python_error();
+// A Python number as T through `convert` (PyFloat_AsDouble, PyLong_AsLongLong), or a TypeError naming
+// the argument.
+template <typename T, T (*convert)(PyObject*)>
+struct Number {
+  T value;
+  Number(PyObject* obj, const c10::Argument& a, const char* expected) : value(convert(obj)) {
+    if (value == T(-1) && PyErr_Occurred()) {
+      if (!PyErr_ExceptionMatches(PyExc_TypeError)) throw python_error();  // e.g. an int too large
+      PyErr_Clear();
+      TORCH_CHECK_TYPE(false, a.name(), ": expected ", expected, ", got ", Py_TYPE(obj)->tp_name);
+    }
   }
-  double get() const { return value; }
+  T get() const { return value; }
 };
 
 template <>
-struct Arg<int64_t> {
-  int64_t value;
-  Arg(PyObject* obj, const c10::Argument& /*a*/) : value(PyLong_AsLongLong(obj)) {
-    if (value == -1 && PyErr_Occurred()) throw python_error();
-  }
-  int64_t get() const { return value; }
+struct Arg<double> : Number<double, PyFloat_AsDouble> {
+  Arg(PyObject* obj, const c10::Argument& a) : Number(obj, a, "a float") {}
+};
+
+template <>
+struct Arg<int64_t> : Number<long long, PyLong_AsLongLong> {
+  Arg(PyObject* obj, const c10::Argument& a) : Number(obj, a, "an int") {}
 };
 
 template <>

@@ -260,6 +260,8 @@ def test_direct_cpp_entry_checks_its_arguments():
         _C.call_cpu(name, [acc], [grad.tolist()], None, *args, 1.0, True)
     with pytest.raises(TypeError, match=r"chunk_ends: expected a torch\.Tensor"):
         _C.call_cpu(name, [acc], [grad], None, *args[:3], None, *args[4:], 1.0, True)
+    with pytest.raises(TypeError, match="scale: expected a float, got str"):
+        _C.call_cpu(name, [acc], [grad], None, *args, "2", True)
     with pytest.raises(TypeError, match="zero_grad: expected a bool"):
         _C.call_cpu(name, [acc], [grad], None, *args, 1.0, 1)
     with pytest.raises(TypeError, match="accumulate_: expected 11 arguments, got 10"):
