@@ -62,9 +62,19 @@ float value_or(const std::optional<at::Tensor>& scalar, float fallback) {
   return scalar ? scalar->item<float>() : fallback;
 }
 
+// u = m_hat / (sqrt(v_hat) + eps) + wd * w from the updated moments: pass 1 and a pass 2 that recomputes u
+// share it, so both get the same bits.
+struct Direction {
+  float inv_bc1, inv_sqrt_bc2, eps, weight_decay;
+  float operator()(float m, float v, float w) const {
+    return m * inv_bc1 / (std::sqrt(v) * inv_sqrt_bc2 + eps) + weight_decay * w;
+  }
+};
+
 // The per-chunk constants of pass 1: a segment's hyper-parameters at step t, and the gradient scale.
 struct Coefficients {
-  float beta1, beta2, one_minus_beta1, one_minus_beta2, inv_bc1, inv_sqrt_bc2, eps, weight_decay;
+  float beta1, beta2, one_minus_beta1, one_minus_beta2;
+  Direction direction;
   float grad_scale;  // s / c: the inverse loss scale over the clipping factor
 };
 
@@ -78,10 +88,7 @@ Coefficients coefficients(const float* h, float steps_done, float inv_scale, flo
           h[kBeta2],
           1.f - h[kBeta1],
           1.f - h[kBeta2],
-          static_cast<float>(1.0 / bc1),
-          static_cast<float>(1.0 / std::sqrt(bc2)),
-          h[kEps],
-          h[kWeightDecay],
+          {static_cast<float>(1.0 / bc1), static_cast<float>(1.0 / std::sqrt(bc2)), h[kEps], h[kWeightDecay]},
           inv_scale / clip};
 }
 
@@ -89,15 +96,6 @@ Coefficients coefficients(const float* h, float steps_done, float inv_scale, flo
 // one pointer), a separate buffer through streaming stores (stream.h), a block at a time from a staging
 // area in the first-level cache, or nowhere (pass 2 recomputes it).
 enum class UStore { kSeparate, kInPlace, kStreamed, kDropped };
-
-// u = m_hat / (sqrt(v_hat) + eps) + wd * w from the updated moments: pass 1 and a pass 2 that recomputes u
-// share it, so both get the same bits.
-struct Direction {
-  float inv_bc1, inv_sqrt_bc2, eps, weight_decay;
-  float operator()(float m, float v, float w) const {
-    return m * inv_bc1 / (std::sqrt(v) * inv_sqrt_bc2 + eps) + weight_decay * w;
-  }
-};
 
 // Elements per block of pass 1: each block's u is streamed out as soon as it is computed, which keeps the
 // streaming stores interleaved with the loads (one burst per chunk stalls them). Every UStore runs the same
@@ -137,7 +135,7 @@ DYNBATCH_VECTORIZED void update_chunk(const scalar_t* __restrict param, const fl
   const float beta1 = k.beta1, beta2 = k.beta2, one_minus_beta1 = k.one_minus_beta1;
   const float one_minus_beta2 = k.one_minus_beta2;
   const float grad_scale = k.grad_scale;
-  const Direction direction{k.inv_bc1, k.inv_sqrt_bc2, k.eps, k.weight_decay};
+  const Direction direction = k.direction;
   alignas(64) scalar_t staged[kStore == UStore::kStreamed ? kBlock : 1];
   float ww = 0.f, uu = 0.f, gg = 0.f;
   for (int64_t lo = 0; lo < n; lo += kBlock) {
@@ -292,10 +290,9 @@ void apply_pass(const Buffers& b, const UTarget& u, const float* hyper, const fl
         apply_chunk<scalar_t, kMaster>(param, master, u.chunk<scalar_t>(seg, lo), n, scale);
         continue;
       }
-      const Coefficients k = coefficients(h, steps[seg], 1.f, 0.f);
       reapply_chunk<scalar_t, kMaster>(param, master, b.exp_avg.chunk<float>(seg, lo),
                                        b.exp_avg_sq.chunk<float>(seg, lo), n,
-                                       {k.inv_bc1, k.inv_sqrt_bc2, k.eps, k.weight_decay}, scale);
+                                       coefficients(h, steps[seg], 1.f, 0.f).direction, scale);
     }
   });
 }

@@ -162,8 +162,7 @@ def lamb_step_(
     Bytes per element: float32 40 (pass 1: 16 read + 12 written; pass 2: 8 + 4), the floor for LAMB through
     memory as ``|u|_j`` must be known before any ``w`` moves (the C++ kernels' waves, under ``update``,
     move 28 for tensors small enough, 32 with ``u`` over the gradient; a larger float32 tensor with
-    ``u`` recomputed: pass 1 24, pass 2 12 + 4); bfloat16/float16 with a master
-    copy 36, without 28.
+    ``u`` recomputed: pass 1 24, pass 2 12 + 4); bfloat16/float16 with a master copy 36, without 28.
     Clipping needs ``G`` before pass 1: from an earlier reduction (e.g. :func:`accumulate_`'s sums) it
     costs nothing; measured by :func:`lamb_grad_sq_norm` (pass 0) it costs one more read of ``grad``
     (+4 bytes float32, +2 bfloat16: 44 bytes in all for float32).
