@@ -8,16 +8,19 @@ The main job is ``python -m dynbatch_kernels train`` with its defaults: every ba
 :data:`~dynbatch_kernels.train.POLICIES` with :class:`~dynbatch_kernels.train.TrainConfig`'s defaults
 (FusedLAMB, no LR rule, seed 0, CPU) on one thread. It is deterministic: the same machine prints the same
 table on every run. The block between :data:`BEGIN` and :data:`END` in ``README.md`` holds the table and
-the CPU vector level it was produced at (``torch.backends.cpu.get_cpu_capability()``: ``AVX512``, ``AVX2``
-or ``DEFAULT``). The C++ kernels pick their AVX-512, AVX2 or baseline code at load time, and rounding
-differences can grow over a run, so losses and accuracies are compared only at the same vector level;
-step and sample counts are compared everywhere.
+the CPU it was produced on: its vector level (``torch.backends.cpu.get_cpu_capability()``: ``AVX512``,
+``AVX2`` or ``DEFAULT``) and its model name. The C++ kernels pick their AVX-512, AVX2 or baseline code at
+load time, and torch's matrix products pick theirs by CPU model (an AMD and an Intel CPU at AVX512 round
+differently), and rounding differences can grow over a run (CABS's final loss: 0.101 on an AMD EPYC,
+0.113 on an Intel Xeon), so losses and accuracies are compared only on the same CPU; step and sample
+counts are compared everywhere.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import platform
 import re
 import sys
 from pathlib import Path
@@ -47,12 +50,25 @@ METRICS = ("val_loss", "val_acc")
 #: Tolerances: absolute on validation loss and accuracy, relative on counts.
 METRIC_ATOL = 1e-3
 COUNT_RTOL = 0.01
-_CAPABILITY = re.compile(r"CPU vector level `(\w+)`")
+_CPU = re.compile(r"CPU vector level `(\w+)` on `([^`]*)`")
 
 
-def cpu_capability() -> str:
-    """The CPU's vector level as torch reports it (the C++ kernels select the same level of code)."""
-    return torch.backends.cpu.get_cpu_capability()
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``'s, else the platform's; "unknown" where neither says)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_key() -> str:
+    """The CPU a table was produced on: torch's vector level (the C++ kernels select the same level of
+    code) and the model name, e.g. ``"AVX512 on Intel(R) Xeon(R) Processor"``."""
+    return f"{torch.backends.cpu.get_cpu_capability()} on {cpu_model()}"
 
 
 def run_main_job() -> list[RunResult]:
@@ -86,12 +102,14 @@ def rows_of(runs: list[RunResult]) -> list[dict]:
     return rows
 
 
-def render(rows: list[dict], capability: str) -> str:
+def render(rows: list[dict], cpu: str) -> str:
     """The README block, markers included."""
     names = list(COLUMNS)
     lines = [
         BEGIN,
-        f"Produced at CPU vector level `{capability}` (torch {torch.__version__}, one thread).",
+        "Produced at CPU vector level `{}` on `{}` (torch {}, one thread).".format(
+            *cpu.split(" on ", 1), torch.__version__
+        ),
         "",
         "| " + " | ".join(names) + " |",
         "| " + " | ".join("---" if COLUMNS[n][1] == "{}" else "---:" for n in names) + " |",
@@ -112,8 +130,8 @@ def find_block(text: str) -> tuple[int, int]:
 
 
 def parse(block: str) -> tuple[str | None, list[dict]]:
-    """The vector level and the rows of a rendered block."""
-    match = _CAPABILITY.search(block)
+    """The CPU (as :func:`cpu_key` gives it) and the rows of a rendered block."""
+    match = _CPU.search(block)
     table = [line for line in block.splitlines() if line.startswith("|")]
     header = [cell.strip() for cell in table[0].strip("|").split("|")] if table else []
     if header != list(COLUMNS):
@@ -125,16 +143,16 @@ def parse(block: str) -> tuple[str | None, list[dict]]:
         for (key, fmt), cell in zip(COLUMNS.values(), cells):
             row[key] = cell if fmt == "{}" else float(cell)
         rows.append(row)
-    return (match.group(1) if match else None), rows
+    return (f"{match.group(1)} on {match.group(2)}" if match else None), rows
 
 
-def differences(expected: list[dict], capability: str, block: str) -> list[str]:
-    """Where ``block`` disagrees with rows just produced at ``capability`` (empty: it agrees)."""
+def differences(expected: list[dict], cpu: str, block: str) -> list[str]:
+    """Where ``block`` disagrees with rows just produced on ``cpu`` (empty: it agrees)."""
     recorded, got = parse(block)
     keys = [r["policy"] for r in expected]
     if [r["policy"] for r in got] != keys:
         return [f"policies: expected {keys}, got {[r['policy'] for r in got]}"]
-    compared = COUNTS + METRICS if recorded == capability else COUNTS
+    compared = COUNTS + METRICS if recorded == cpu else COUNTS
     problems = []
     for want, have in zip(expected, got):
         for key in ("optimizer", "lr_rule"):
@@ -160,16 +178,16 @@ def main(argv: list[str] | None = None) -> int:
     action.add_argument("--print", action="store_true", help="print the block, write nothing")
     parser.add_argument("--readme", type=Path, default=README)
     args = parser.parse_args(argv)
-    capability = cpu_capability()
+    cpu = cpu_key()
     rows = rows_of(run_main_job())
-    block = render(rows, capability)
+    block = render(rows, cpu)
     if args.print:
         print(block)
         return 0
     text = args.readme.read_text()
     start, end = find_block(text)
     if args.check:
-        problems = differences(rows, capability, text[start:end])
+        problems = differences(rows, cpu, text[start:end])
         for problem in problems:
             print(problem)
         if problems:

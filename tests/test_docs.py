@@ -201,28 +201,28 @@ def _rows(loss: float = 0.1) -> list[dict]:
 
 
 def test_main_job_block_round_trips_and_compares():
-    block = readme_main_job.render(_rows(), "AVX2")
-    capability, rows = readme_main_job.parse(block)
-    assert capability == "AVX2" and rows[0]["val_loss"] == pytest.approx(0.1) and rows[0]["steps"] == 10
-    assert readme_main_job.differences(_rows(0.1004), "AVX2", block) == []
-    assert readme_main_job.differences(_rows(0.102), "AVX2", block) == [
+    here = "AVX2 on CPU A"
+    block = readme_main_job.render(_rows(), here)
+    cpu, rows = readme_main_job.parse(block)
+    assert cpu == here and rows[0]["val_loss"] == pytest.approx(0.1) and rows[0]["steps"] == 10
+    assert readme_main_job.differences(_rows(0.1004), here, block) == []
+    assert readme_main_job.differences(_rows(0.102), here, block) == [
         "fixed val_loss: run gives 0.102, README has 0.1"
     ]
-    assert readme_main_job.differences(_rows(0.2), "AVX512", block) == []  # metrics: same level only
-    more_steps = [{**_rows()[0], "steps": 12}]
-    assert readme_main_job.differences(more_steps, "AVX512", block) == [
-        "fixed steps: run gives 12, README has 10"
-    ]
-    text = f"before\n{readme_main_job.BEGIN}\nold\n{readme_main_job.END}\nafter"
-    start, end = readme_main_job.find_block(text)
-    assert text[:start] == "before\n" and text[end:] == "\nafter"
+    for elsewhere in ("AVX512 on CPU A", "AVX2 on CPU B"):  # metrics: on the same CPU only
+        assert readme_main_job.differences(_rows(0.2), elsewhere, block) == []
+        more_steps = [{**_rows()[0], "steps": 12}]
+        assert readme_main_job.differences(more_steps, elsewhere, block) == [
+            "fixed steps: run gives 12, README has 10"
+        ]
+    assert " on " in readme_main_job.cpu_key()
 
 
 def test_readme_main_job_table_matches_the_main_job():
     text = readme_main_job.README.read_text()
     start, end = readme_main_job.find_block(text)
     rows = readme_main_job.rows_of(readme_main_job.run_main_job())
-    problems = readme_main_job.differences(rows, readme_main_job.cpu_capability(), text[start:end])
+    problems = readme_main_job.differences(rows, readme_main_job.cpu_key(), text[start:end])
     assert not problems, (
         "README.md's main-job table differs from the main job's output; regenerate it with "
         f"`{readme_main_job.COMMAND}`:\n" + "\n".join(problems)
