@@ -3,8 +3,9 @@
 //                     trust ratios -> pass 2 (w -= lr * r * u, u read back from update), wave by wave:
 //                     segments that fit in the cache together run both passes before the next ones, their
 //                     u in a scratch buffer unless update is grad itself; a larger segment's u goes over
-//                     its gradient when update is grad, else pass 2 recomputes it (float32) or it is
-//                     streamed to update (16-bit). Nothing is written when the step is skipped.
+//                     its gradient when update is grad, else the end of each thread's part of it stays in
+//                     the scratch and the rest is streamed to update. Nothing is written when the step is
+//                     skipped.
 //   lamb_update_ / lamb_apply_: pass 1 (returning the statistics) and pass 2 (ratios from statistics that
 //                     may have been summed over the shards of each tensor in between) as two calls.
 //   segment_sq_norms: per-segment |s*x|^2 in one read (pass 0: the global gradient norm for clipping).
@@ -62,8 +63,7 @@ float value_or(const std::optional<at::Tensor>& scalar, float fallback) {
   return scalar ? scalar->item<float>() : fallback;
 }
 
-// u = m_hat / (sqrt(v_hat) + eps) + wd * w from the updated moments: pass 1 and a pass 2 that recomputes u
-// share it, so both get the same bits.
+// u = m_hat / (sqrt(v_hat) + eps) + wd * w from the updated moments.
 struct Direction {
   float inv_bc1, inv_sqrt_bc2, eps, weight_decay;
   float operator()(float m, float v, float w) const {
@@ -93,9 +93,9 @@ Coefficients coefficients(const float* h, float steps_done, float inv_scale, flo
 }
 
 // Where pass 1 puts u: a separate buffer, the gradient itself (read then written at each index through
-// one pointer), a separate buffer through streaming stores (stream.h), a block at a time from a staging
-// area in the first-level cache, or nowhere (pass 2 recomputes it).
-enum class UStore { kSeparate, kInPlace, kStreamed, kDropped };
+// one pointer), or a separate buffer through streaming stores (stream.h), a block at a time from a staging
+// area in the first-level cache.
+enum class UStore { kSeparate, kInPlace, kStreamed };
 
 // Elements per block of pass 1: each block's u is streamed out as soon as it is computed, which keeps the
 // streaming stores interleaved with the loads (one burst per chunk stalls them). Every UStore runs the same
@@ -142,7 +142,7 @@ DYNBATCH_VECTORIZED void update_chunk(const scalar_t* __restrict param, const fl
     const int64_t len = std::min(kBlock, n - lo);
     constexpr int64_t kSize = sizeof(scalar_t);
     next.lines(lo * kSize, (lo + kBlock) * kSize);
-    scalar_t* u_out = kStore == UStore::kStreamed ? staged : kStore == UStore::kDropped ? nullptr : update + lo;
+    scalar_t* u_out = kStore == UStore::kStreamed ? staged : update + lo;
     const scalar_t* g_in = kStore == UStore::kInPlace ? update + lo : grad + lo;
     float block_ww = 0.f, block_uu = 0.f, block_gg = 0.f;
 #pragma omp simd reduction(+ : block_ww, block_uu, block_gg)
@@ -157,7 +157,7 @@ DYNBATCH_VECTORIZED void update_chunk(const scalar_t* __restrict param, const fl
       if constexpr (kWrite) {
         exp_avg[at] = m;
         exp_avg_sq[at] = v;
-        if constexpr (kStore != UStore::kDropped) u_out[i] = to_storage<scalar_t>(u);
+        u_out[i] = to_storage<scalar_t>(u);
       }
       const float unscaled = raw * inv_scale;
       block_ww += w * w;
@@ -188,43 +188,65 @@ DYNBATCH_VECTORIZED void apply_chunk(scalar_t* __restrict param, float* __restri
   }
 }
 
-// Pass 2 over one chunk of n elements with u recomputed from the updated moments and w, as pass 1 rounded it.
-template <typename scalar_t, bool kMaster>
-DYNBATCH_VECTORIZED void reapply_chunk(scalar_t* __restrict param, float* __restrict master,
-                                       const float* __restrict exp_avg, const float* __restrict exp_avg_sq,
-                                       int64_t n, const Direction direction, float scale) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const float w = weight<scalar_t, kMaster>(param, master, i);
-    const float u = static_cast<float>(to_storage<scalar_t>(direction(exp_avg[i], exp_avg_sq[i], w)));
-    set_weight<scalar_t, kMaster>(param, master, i, w - scale * u);
-  }
-}
-
 // The operands of lamb_step_ (master: empty when there is none).
 struct Buffers {
   Operand param, grad, update, exp_avg, exp_avg_sq, master;
 };
 
-// Where pass 1 puts u and pass 2 reads it back: the update operand, a wave's scratch buffer that holds
-// the virtual indices [origin, origin + its length), or nowhere (update null: pass 2 recomputes u).
+// Chunks [begin, end) of the table.
+struct ChunkRange {
+  int64_t begin, end;
+};
+
+// One thread's share of a chunk range: the `slot`-th of `count` contiguous parts (split_range).
+struct Part {
+  int64_t slot, count;
+  ChunkRange chunks;
+};
+
+// The parts of `range`, one per thread (fewer if it has fewer chunks): both passes split a range alike.
+int64_t num_parts(ChunkRange range) {
+  return std::min<int64_t>(at::get_num_threads(), range.end - range.begin);
+}
+
+// fn(part) for each part of `range`, the parts in parallel.
+template <typename F>
+void for_each_part(ChunkRange range, const F& fn) {
+  const int64_t count = num_parts(range);
+  if (count <= 0) return;
+  const int64_t per = (range.end - range.begin + count - 1) / count;
+  at::parallel_for(0, count, 1, [&](int64_t first, int64_t last) {
+    for (int64_t slot = first; slot < last; ++slot) {
+      const int64_t begin = range.begin + slot * per;
+      fn(Part{slot, count, {begin, std::min(range.end, begin + per)}});
+    }
+  });
+}
+
+// Where pass 1 puts u and pass 2 reads it back: the update operand, except for the chunks held in a
+// wave's scratch buffer: all of a wave that fits in the cache (the scratch holds its virtual indices
+// [origin, origin + its length)), or the last `tail_chunks` chunks of each part of a larger segment, the
+// ones pass 2 (walking back) reaches first (part `slot`'s from scratch chunk slot * tail_chunks on, chunks
+// `chunk_len` elements apart).
 struct UTarget {
   const Operand* update;
   void* scratch = nullptr;
   int64_t origin = 0;
+  int64_t tail_chunks = 0;  // 0: the whole wave is in the scratch
+  int64_t chunk_len = 0;
 
-  bool dropped() const { return update == nullptr; }
-
-  template <typename T>
-  T* chunk(int64_t segment, int64_t start) const {
-    if (scratch) return static_cast<T*>(scratch) + (start - origin);
-    return update ? update->chunk<T>(segment, start) : nullptr;
+  bool in_scratch(int64_t c, const Part& part) const {
+    return scratch && (tail_chunks == 0 || c >= part.chunks.end - tail_chunks);
   }
-};
 
-// Chunks [begin, end) of the table.
-struct ChunkRange {
-  int64_t begin, end;
+  // u of chunk c (segment `segment`, first virtual index `start`) of `part`.
+  template <typename T>
+  T* chunk(int64_t c, int64_t segment, int64_t start, const Part& part) const {
+    if (!in_scratch(c, part)) return update->chunk<T>(segment, start);
+    T* base = static_cast<T*>(scratch);
+    if (tail_chunks == 0) return base + (start - origin);
+    return base + (part.slot * tail_chunks + c - (part.chunks.end - tail_chunks)) * chunk_len;
+  }
 };
 
 // Pass 1 over the range. `stream`: the update buffer is too large to stay cached until pass 2 reads it, so
@@ -233,8 +255,9 @@ struct ChunkRange {
 template <typename scalar_t, bool kMaster, bool kWrite>
 void update_pass(const Buffers& b, const UTarget& u, const float* hyper, const float* steps, const Chunks& t,
                  ChunkRange range, float inv_scale, float grad_norm, bool stream, float* partials) {
-  at::parallel_for(range.begin, range.end, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
+  for_each_part(range, [&](const Part& part) {
+    const int64_t end = part.chunks.end;
+    for (int64_t c = part.chunks.begin; c < end; ++c) {
       const int64_t seg = t.chunk_segments[c], lo = t.starts[c], n = t.ends[c] - lo;
       const float* h = hyper + seg * kNumHyper;
       float* out = partials + c * kNumStats;
@@ -246,16 +269,14 @@ void update_pass(const Buffers& b, const UTarget& u, const float* hyper, const f
       const scalar_t* param = b.param.chunk<scalar_t>(seg, lo);
       const float* master = kMaster ? b.master.chunk<float>(seg, lo) : nullptr;
       const scalar_t* grad = b.grad.chunk<scalar_t>(seg, lo);
-      scalar_t* update = u.chunk<scalar_t>(seg, lo);
+      scalar_t* update = u.chunk<scalar_t>(c, seg, lo, part);
       float* exp_avg = b.exp_avg.chunk<float>(seg, lo);
       float* exp_avg_sq = b.exp_avg_sq.chunk<float>(seg, lo);
       const bool in_place = static_cast<const void*>(grad) == static_cast<const void*>(update);
       auto* run = update_chunk<scalar_t, kMaster, kWrite, UStore::kSeparate>;
       if (kWrite && in_place) {
         run = update_chunk<scalar_t, kMaster, kWrite, UStore::kInPlace>;
-      } else if (kWrite && u.dropped()) {
-        run = update_chunk<scalar_t, kMaster, kWrite, UStore::kDropped>;
-      } else if (kWrite && stream) {
+      } else if (kWrite && stream && !u.in_scratch(c, part)) {
         run = update_chunk<scalar_t, kMaster, kWrite, UStore::kStreamed>;
       }
       Prefetch next;
@@ -273,26 +294,20 @@ void update_pass(const Buffers& b, const UTarget& u, const float* hyper, const f
   });
 }
 
-// Pass 2 over the range, each thread's chunks in reverse: the last ones pass 1 touched are the likeliest
-// still cached. u is read from its target, or recomputed from the updated moments where pass 1 dropped it.
+// Pass 2 over the range, each part's chunks in reverse: the last ones pass 1 touched are the likeliest
+// still cached.
 template <typename scalar_t, bool kMaster>
 void apply_pass(const Buffers& b, const UTarget& u, const float* hyper, const float* steps, const float* stats,
                 const Chunks& t, ChunkRange range) {
-  at::parallel_for(range.begin, range.end, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = end - 1; c >= begin; --c) {
+  for_each_part(range, [&](const Part& part) {
+    for (int64_t c = part.chunks.end - 1; c >= part.chunks.begin; --c) {
       const int64_t seg = t.chunk_segments[c], lo = t.starts[c], n = t.ends[c] - lo;
       const float* h = hyper + seg * kNumHyper;
       if (h[kActive] == 0.f) continue;
       scalar_t* param = b.param.chunk<scalar_t>(seg, lo);
       float* master = kMaster ? b.master.chunk<float>(seg, lo) : nullptr;
       const float scale = h[kLr] * stats[seg * kNumStats + kRatio];
-      if (!u.dropped()) {
-        apply_chunk<scalar_t, kMaster>(param, master, u.chunk<scalar_t>(seg, lo), n, scale);
-        continue;
-      }
-      reapply_chunk<scalar_t, kMaster>(param, master, b.exp_avg.chunk<float>(seg, lo),
-                                       b.exp_avg_sq.chunk<float>(seg, lo), n,
-                                       coefficients(h, steps[seg], 1.f, 0.f).direction, scale);
+      apply_chunk<scalar_t, kMaster>(param, master, u.chunk<scalar_t>(c, seg, lo, part), n, scale);
     }
   });
 }
@@ -432,14 +447,13 @@ bool in_waves(const Chunks& t) {
 // lamb_step_ when not skipped, in waves: consecutive segments of at most kWaveElements together go through
 // pass 1, their trust ratios and pass 2 before the next wave starts, so pass 2 finds w and u still cached.
 // Where update is grad for a segment of the wave, u goes over the gradient as in the two passes. Else a
-// wave's u stays in a scratch buffer, never written to memory; a float32 segment larger than a wave (a wave
-// of its own) drops u and pass 2 recomputes it from m, v and w: 40 bytes per element like a stored u
-// (pass 1 writes 4 fewer, pass 2 reads 4 more), but walking backwards pass 2 finds the end of m, v and w
-// still cached, where a u streamed past the cache would come back from memory (BERT-base's feed-forward
-// tensors of 2.4M elements: 0.9x the streamed-u time, ad hoc A/B). A 16-bit u costs 2 bytes to store and
-// to read back against m and v's 8: such a segment's u is streamed to `update`.
-// The chunks' partial sums and their per-segment reduction are the two-pass ones, and a recomputed u is
-// pass 1's (the same Direction, rounded to the storage dtype as a stored u is): the same bits.
+// wave's u stays in a scratch buffer, never written to memory. A segment larger than a wave is a wave of
+// its own: pass 1 keeps the u of the last chunks of each thread's part in the scratch (pass 2, walking
+// back, reads them first, while they are cached) and streams the rest to `update`. On BERT-base's
+// separate tensors this takes 1.02x the time of u written over the gradients, against 1.08x for u
+// recomputed by pass 2 from m, v and w (the same 40 bytes per element, but a second square root and
+// division per element), ad hoc A/B on a Xeon.
+// The chunks' partial sums and their per-segment reduction are the two-pass ones: the same bits.
 template <typename scalar_t, bool kMaster>
 void step_in_waves(const Buffers& b, const float* h, const float* steps, const Chunks& t, const StepScalars& k,
                    float* stats) {
@@ -451,15 +465,15 @@ void step_in_waves(const Buffers& b, const float* h, const float* steps, const C
     int64_t last = first + 1;
     while (last < num_segments && off[last + 1] - off[first] <= kWaveElements) ++last;
     const bool cached = off[last] - off[first] <= kWaveElements;
+    const ChunkRange range{t.segment_chunks[first], t.segment_chunks[last]};
     UTarget u{&b.update, nullptr, off[first]};
     if (!writes_over_grad<scalar_t>(b, t.layout, first, last)) {
-      if (cached) {
-        u.scratch = scratch;
-      } else if (sizeof(scalar_t) == sizeof(float)) {
-        u.update = nullptr;
+      u.scratch = scratch;
+      if (!cached) {  // a wave of one segment: the parts' tails in the scratch (>= 2 chunks each: in_waves)
+        u.chunk_len = largest_chunk(t);
+        u.tail_chunks = kWaveElements / (num_parts(range) * u.chunk_len);
       }
     }
-    const ChunkRange range{t.segment_chunks[first], t.segment_chunks[last]};
     update_pass<scalar_t, kMaster, true>(b, u, h, steps, t, range, k.inv_scale, std::sqrt(k.norm_sq),
                                          /*stream=*/!cached, partials.data());
     sum_segments(partials.data(), kNumStats, t, first, last, stats);

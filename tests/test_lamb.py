@@ -252,8 +252,8 @@ def test_streamed_update_is_the_in_place_update_bit_for_bit(dtype, master, misal
     """``lamb_update_`` (pass 1 alone) writes a separate ``update`` of 8 MiB or more with streaming stores
     (the C++ kernels): the same bits as ``u`` written over the gradient, in every element of ``update``
     (NaN-poisoned before) and in every other output. ``lamb_step_`` on the same buffers keeps each wave's
-    ``u`` in scratch; the larger segment's is recomputed by pass 2 for float32, streamed to ``update`` for
-    bfloat16: the in-place step's bits either way. ``misaligned``: ``update`` is one tensor per segment,
+    ``u`` in scratch, and of the larger segment's the end of each thread's part, streaming the rest to
+    ``update``: the in-place step's bits either way. ``misaligned``: ``update`` is one tensor per segment,
     each 2 elements past a 16-byte boundary (a flat buffer must be aligned)."""
     gen = torch.Generator().manual_seed(5)
     sizes = [1, 0, 4_300_001 if dtype == torch.bfloat16 else 2_200_003, 77, 5000]
@@ -292,11 +292,12 @@ def test_streamed_update_is_the_in_place_update_bit_for_bit(dtype, master, misal
             assert value is None or torch.equal(stepped[key], value), key
     lo, n = starts[2], sizes[2]  # the one segment larger than a wave
     written = pieces[2] if misaligned else flat[lo : lo + n]
-    if dtype == torch.float32:  # recomputed by pass 2
-        assert room.isnan().all()
-    else:  # streamed out, nothing else written
-        assert torch.equal(written, whole["grad"][lo : lo + n])
-        assert room.isnan().sum() == room.numel() - n
+    expected_u = whole["grad"][lo : lo + n]
+    streamed_out = ~written.isnan()
+    assert torch.equal(written[streamed_out], expected_u[streamed_out])
+    assert streamed_out[: table.chunk_size].all()  # the head streamed out
+    assert not streamed_out[-1]  # the tail kept in scratch
+    assert room.isnan().sum() == room.numel() - int(streamed_out.sum())  # nothing else written
 
 
 @pytest.mark.skipif(not cpp_available(), reason="extension not built")
@@ -304,8 +305,8 @@ def test_streamed_update_is_the_in_place_update_bit_for_bit(dtype, master, misal
 @pytest.mark.parametrize("over_grad", [False, True], ids=["separate-update", "update-is-grad-views"])
 def test_step_in_waves_is_the_two_pass_step_bit_for_bit(dtype, master, over_grad):
     """The C++ ``lamb_step_`` runs both passes wave by wave (segments of up to 2**20 elements together,
-    ``u`` of those kept in scratch; a larger segment alone, its ``u`` recomputed by pass 2 unless it goes over
-    the gradient): every output is that of ``lamb_update_`` then
+    ``u`` of those kept in scratch; a larger segment alone, its ``u`` partly in scratch, partly streamed to
+    ``update``, unless it goes over the gradient): every output is that of ``lamb_update_`` then
     ``lamb_apply_``, which run each pass over all segments, with ``u`` in ``update``. ``over_grad``:
     ``grad`` is the per-segment views of the flat ``update`` (FusedLAMB's call on bound gradients), so
     every segment's gradient ends holding ``u``, as in the two passes."""
