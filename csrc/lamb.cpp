@@ -198,18 +198,19 @@ struct ChunkRange {
   int64_t begin, end;
 };
 
-// One thread's share of a chunk range: the `slot`-th of `count` contiguous parts (split_range).
+// A share of a chunk range: the `slot`-th of its num_parts contiguous parts (for_each_part).
 struct Part {
-  int64_t slot, count;
+  int64_t slot;
   ChunkRange chunks;
 };
 
-// The parts of `range`, one per thread (fewer if it has fewer chunks): both passes split a range alike.
+// How many parts for_each_part cuts `range` into: one per thread, fewer if it has fewer chunks.
 int64_t num_parts(ChunkRange range) {
   return std::min<int64_t>(at::get_num_threads(), range.end - range.begin);
 }
 
-// fn(part) for each part of `range`, the parts in parallel.
+// fn(part) for each part of `range` (ceil(chunks / num_parts) chunks each; the last ones may be shorter
+// or empty), the parts in parallel: both passes cut a range alike, so each knows its part's slot.
 template <typename F>
 void for_each_part(ChunkRange range, const F& fn) {
   const int64_t count = num_parts(range);
@@ -217,8 +218,8 @@ void for_each_part(ChunkRange range, const F& fn) {
   const int64_t per = (range.end - range.begin + count - 1) / count;
   at::parallel_for(0, count, 1, [&](int64_t first, int64_t last) {
     for (int64_t slot = first; slot < last; ++slot) {
-      const int64_t begin = range.begin + slot * per;
-      fn(Part{slot, count, {begin, std::min(range.end, begin + per)}});
+      const int64_t begin = std::min(range.end, range.begin + slot * per);
+      fn(Part{slot, {begin, std::min(range.end, begin + per)}});
     }
   });
 }
@@ -297,8 +298,8 @@ void update_pass(const Buffers& b, const UTarget& u, const float* hyper, const f
 // Pass 2 over the range, each part's chunks in reverse: the last ones pass 1 touched are the likeliest
 // still cached.
 template <typename scalar_t, bool kMaster>
-void apply_pass(const Buffers& b, const UTarget& u, const float* hyper, const float* steps, const float* stats,
-                const Chunks& t, ChunkRange range) {
+void apply_pass(const Buffers& b, const UTarget& u, const float* hyper, const float* stats, const Chunks& t,
+                ChunkRange range) {
   for_each_part(range, [&](const Part& part) {
     for (int64_t c = part.chunks.end - 1; c >= part.chunks.begin; --c) {
       const int64_t seg = t.chunk_segments[c], lo = t.starts[c], n = t.ends[c] - lo;
@@ -395,7 +396,7 @@ void run_apply(const Buffers& b, bool has_master, const float* h, float* steps, 
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype_or(b.param, at::kFloat), "lamb_apply_", [&] {
     auto* run = has_master ? apply_pass<scalar_t, true> : apply_pass<scalar_t, false>;
-    run(b, UTarget{&b.update}, h, steps, stats.const_data_ptr<float>(), table, {0, table.num_chunks});
+    run(b, UTarget{&b.update}, h, stats.const_data_ptr<float>(), table, {0, table.num_chunks});
   });
   advance_steps(steps, h, num_segments);
 }
@@ -469,16 +470,17 @@ void step_in_waves(const Buffers& b, const float* h, const float* steps, const C
     UTarget u{&b.update, nullptr, off[first]};
     if (!writes_over_grad<scalar_t>(b, t.layout, first, last)) {
       u.scratch = scratch;
-      if (!cached) {  // a wave of one segment: the parts' tails in the scratch (>= 2 chunks each: in_waves)
+      if (!cached && range.end > range.begin) {  // a wave of one segment: its parts' tails in the scratch
         u.chunk_len = largest_chunk(t);
         u.tail_chunks = kWaveElements / (num_parts(range) * u.chunk_len);
+        TORCH_INTERNAL_ASSERT(u.tail_chunks > 0, "lamb_step_: chunks too large for waves");  // in_waves: >= 2
       }
     }
     update_pass<scalar_t, kMaster, true>(b, u, h, steps, t, range, k.inv_scale, std::sqrt(k.norm_sq),
                                          /*stream=*/!cached, partials.data());
     sum_segments(partials.data(), kNumStats, t, first, last, stats);
     trust_ratios(stats, h, first, last);
-    apply_pass<scalar_t, kMaster>(b, u, h, steps, stats, t, range);
+    apply_pass<scalar_t, kMaster>(b, u, h, stats, t, range);
     first = last;
   }
 }

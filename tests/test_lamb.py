@@ -282,22 +282,30 @@ def test_streamed_update_is_the_in_place_update_bit_for_bit(dtype, master, misal
             written = pieces[j] if misaligned else flat[lo : lo + n]
             assert torch.equal(written, in_place["grad"][lo : lo + n]), j
 
-    room.fill_(float("nan"))
-    whole = {k: None if v is None else v.clone() for k, v in stepped.items()}
-    stats = run_op(stepped, table, update=pieces if misaligned else flat)
-    expected = run_op(whole, table)
-    torch.testing.assert_close(stats, expected, rtol=0, atol=0)
-    for key, value in whole.items():
-        if key != "grad":
-            assert value is None or torch.equal(stepped[key], value), key
-    lo, n = starts[2], sizes[2]  # the one segment larger than a wave
-    written = pieces[2] if misaligned else flat[lo : lo + n]
-    expected_u = whole["grad"][lo : lo + n]
-    streamed_out = ~written.isnan()
-    assert torch.equal(written[streamed_out], expected_u[streamed_out])
-    assert streamed_out[: table.chunk_size].all()  # the head streamed out
-    assert not streamed_out[-1]  # the tail kept in scratch
-    assert room.isnan().sum() == room.numel() - int(streamed_out.sum())  # nothing else written
+    threads = torch.get_num_threads()
+    for parts in (1, 3):  # threads: each keeps the end of its part of the large segment
+        torch.set_num_threads(parts)
+        try:
+            room.fill_(float("nan"))
+            step = {k: None if v is None else v.clone() for k, v in stepped.items()}
+            whole = {k: None if v is None else v.clone() for k, v in stepped.items()}
+            stats = run_op(step, table, update=pieces if misaligned else flat)
+            expected = run_op(whole, table)
+        finally:
+            torch.set_num_threads(threads)
+        torch.testing.assert_close(stats, expected, rtol=0, atol=0)
+        for key, value in whole.items():
+            if key != "grad":
+                assert value is None or torch.equal(step[key], value), key
+        lo, n = starts[2], sizes[2]  # the one segment larger than a wave
+        written = pieces[2] if misaligned else flat[lo : lo + n]
+        expected_u = whole["grad"][lo : lo + n]
+        streamed_out = ~written.isnan()
+        assert torch.equal(written[streamed_out], expected_u[streamed_out])
+        assert room.isnan().sum() == room.numel() - int(streamed_out.sum())  # nothing else written
+        # Streamed, kept, streamed, kept...: one run of each per part, the first chunk streamed out.
+        runs = torch.unique_consecutive(streamed_out)
+        assert runs.tolist() == [True, False] * parts, parts
 
 
 @pytest.mark.skipif(not cpp_available(), reason="extension not built")

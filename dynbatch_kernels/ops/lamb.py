@@ -162,8 +162,8 @@ def lamb_step_(
     Bytes per element: float32 40 (pass 1: 16 read + 12 written; pass 2: 8 + 4), the floor for LAMB through
     memory as ``|u|_j`` must be known before any ``w`` moves (the C++ kernels' waves, under ``update``,
     move 28 for tensors small enough, 32 with ``u`` over the gradient, and of a larger tensor 28 for the
-    2**20 elements whose ``u`` stays in scratch, 40 for the rest); bfloat16/float16 with a master copy 36,
-    without 28.
+    at most 2**20 elements whose ``u`` stays in scratch, 40 for the rest); bfloat16/float16 with a master
+    copy 36, without 28.
     Clipping needs ``G`` before pass 1: from an earlier reduction (e.g. :func:`accumulate_`'s sums) it
     costs nothing; measured by :func:`lamb_grad_sq_norm` (pass 0) it costs one more read of ``grad``
     (+4 bytes float32, +2 bfloat16: 44 bytes in all for float32).
@@ -189,7 +189,7 @@ def lamb_step_(
             The C++ kernels run both passes in waves of consecutive segments of up to 2**20 elements
             together, so that pass 2 finds ``w`` and ``u`` still cached, and keep a wave's ``u`` in a
             scratch buffer of the calling thread's (4 MiB for float32); a larger segment is a wave of
-            its own: the ``u`` of the last chunks of each thread's part of it (2**20 elements in all)
+            its own: the ``u`` of the last chunks of each thread's part of it (at most 2**20 in all)
             stays in the scratch, where pass 2, walking backwards, reads it first, and the rest goes to
             a separate ``update`` with streaming stores (no write-allocate reads). Its contents after
             the call are unspecified; where ``update`` is ``grad`` (None, or a segment's same memory)
