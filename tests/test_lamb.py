@@ -309,6 +309,20 @@ def test_streamed_update_is_the_in_place_update_bit_for_bit(dtype, master, misal
 
 
 @pytest.mark.skipif(not cpp_available(), reason="extension not built")
+def test_step_in_waves_with_an_empty_segment_of_a_wave_of_room():
+    """An empty segment whose room alone exceeds a wave (2**20 elements) is a wave without chunks: the
+    C++ ``lamb_step_`` with a separate ``update`` gives the in-place step's bits."""
+    gen = torch.Generator().manual_seed(9)
+    offsets = torch.tensor([0, 1_100_000, 1_100_016])
+    table = ChunkTable.from_offsets(offsets, lengths=[0, 5])
+    case = make_case("cpu", offsets, torch.float32, False, gen, inactive=())
+    whole = {k: None if v is None else v.clone() for k, v in case.items()}
+    stats = run_op(case, table, update=torch.full_like(case["grad"], float("nan")))
+    torch.testing.assert_close(stats, run_op(whole, table), rtol=0, atol=0)
+    assert torch.equal(case["param"], whole["param"]) and torch.equal(case["step"], whole["step"])
+
+
+@pytest.mark.skipif(not cpp_available(), reason="extension not built")
 @pytest.mark.parametrize(("dtype", "master"), STORAGE[:2], ids=["f32", "bf16-master"])
 @pytest.mark.parametrize("over_grad", [False, True], ids=["separate-update", "update-is-grad-views"])
 def test_step_in_waves_is_the_two_pass_step_bit_for_bit(dtype, master, over_grad):
