@@ -1,6 +1,8 @@
 // accumulate_: acc += scale * grad in one pass (or out = acc + scale * grad, acc only read), with
 // per-segment sums [acc_old . s*g, |s*g|^2, |acc_old|^2, |acc_new|^2], and grad optionally zeroed in the
 // same pass.
+#include <algorithm>
+
 #include "chunks.h"
 #include "columns.h"
 #include "direct.h"
@@ -10,24 +12,44 @@ namespace {
 
 using namespace columns::acc;  // kDot, kGradSq, kOldSq, kNewSq, kNumSums
 
+// Elements per block of a chunk: the loads kAheadBytes ahead are issued block by block.
+constexpr int64_t kBlock = 256;
+
+// How far the memory of each operand goes on from a chunk's first element (Operand::room): where
+// prefetch_ahead stops.
+struct Rooms {
+  int64_t acc, grad, sum;
+};
+
 // One chunk of n elements: the update and its four partial sums. kOut: the sum goes to dst and src is
 // only read; else dst is read and written (src unused).
 template <typename grad_t, bool kZeroGrad, bool kOut>
 DYNBATCH_VECTORIZED void accumulate_chunk(float* __restrict dst, const float* __restrict src,
-                                          grad_t* __restrict grad, int64_t n, float scale,
+                                          grad_t* __restrict grad, int64_t n, float scale, const Rooms room,
                                           float* __restrict out) {
   float dot = 0.f, gg = 0.f, aa = 0.f, nn = 0.f;
-#pragma omp simd reduction(+ : dot, gg, aa, nn)
-  for (int64_t i = 0; i < n; ++i) {
-    const float a = kOut ? src[i] : dst[i];
-    const float g = static_cast<float>(grad[i]) * scale;
-    const float n_ = a + g;
-    dst[i] = n_;
-    if constexpr (kZeroGrad) grad[i] = grad_t(0);
-    dot += a * g;
-    gg += g * g;
-    aa += a * a;
-    nn += n_ * n_;
+  for (int64_t lo = 0; lo < n; lo += kBlock) {
+    const int64_t hi = std::min(lo + kBlock, n);
+    prefetch_ahead(kOut ? src : dst, lo, hi, room.acc);
+    prefetch_ahead(grad, lo, hi, room.grad);
+    if constexpr (kOut) prefetch_ahead(dst, lo, hi, room.sum);
+    float block_dot = 0.f, block_gg = 0.f, block_aa = 0.f, block_nn = 0.f;
+#pragma omp simd reduction(+ : block_dot, block_gg, block_aa, block_nn)
+    for (int64_t i = lo; i < hi; ++i) {
+      const float a = kOut ? src[i] : dst[i];
+      const float g = static_cast<float>(grad[i]) * scale;
+      const float n_ = a + g;
+      dst[i] = n_;
+      if constexpr (kZeroGrad) grad[i] = grad_t(0);
+      block_dot += a * g;
+      block_gg += g * g;
+      block_aa += a * a;
+      block_nn += n_ * n_;
+    }
+    dot += block_dot;
+    gg += block_gg;
+    aa += block_aa;
+    nn += block_nn;
   }
   out[kDot] = dot;
   out[kGradSq] = gg;
@@ -43,8 +65,9 @@ void accumulate_chunks(const Operand& acc, const Operand& grad, const Operand& s
       const int64_t seg = t.chunk_segments[c], lo = t.starts[c];
       float* dst = kOut ? sum.chunk<float>(seg, lo) : acc.chunk<float>(seg, lo);
       const float* src = kOut ? acc.chunk<float>(seg, lo) : nullptr;
+      const Rooms room{acc.room(seg, lo), grad.room(seg, lo), kOut ? sum.room(seg, lo) : 0};
       accumulate_chunk<grad_t, kZeroGrad, kOut>(dst, src, grad.chunk<grad_t>(seg, lo), t.ends[c] - lo, scale,
-                                                partials + c * kNumSums);
+                                                room, partials + c * kNumSums);
     }
   });
 }

@@ -101,6 +101,24 @@ inline Chunks check_chunks(const at::Tensor& offsets, const at::Tensor& lengths,
           num_chunks};
 }
 
+// Software prefetch for chunk loops that do more per element than copy or add (reductions, several
+// streams): their loop bodies are longer, so the out-of-order window holds fewer of their loads in flight
+// than the memory's latency needs. Fetching each stream kAheadBytes ahead restores that (accumulate_ at
+// 2^24 float32 elements, 2 threads: 1.17-1.21x the time of a bare add_ without, 1.00-1.02x with; ad hoc
+// A/B on a Xeon).
+constexpr int64_t kAheadBytes = 4096;
+
+// Prefetches the lines of x[lo, hi) moved kAheadBytes ahead, those below x[n]: n is Operand::room, the end
+// of the memory x is in (past a separately allocated tensor's end they would be wasted reads).
+template <typename T>
+inline void prefetch_ahead(const T* x, int64_t lo, int64_t hi, int64_t n) {
+  const char* bytes = reinterpret_cast<const char*>(x);
+  const int64_t size = static_cast<int64_t>(sizeof(T));
+  for (int64_t at = lo * size + kAheadBytes; at < std::min(hi * size + kAheadBytes, n * size); at += 64) {
+    __builtin_prefetch(bytes + at);
+  }
+}
+
 // A dtype as Python prints it ("torch.float32"), for messages.
 inline std::string dtype_name(at::ScalarType t) {
   return "torch." + std::string(c10::getDtypeNames(t).first);
@@ -111,6 +129,8 @@ struct Operand {
   bool flat = false;
   std::vector<void*> data;  // flat: {the buffer}; else each segment's tensor (element offsets[j])
   const int64_t* offsets = nullptr;
+  const int64_t* lengths = nullptr;
+  int64_t num_elements = 0;
   std::optional<at::ScalarType> dtype;  // the tensors' dtype and device; none for an empty list
   std::optional<at::Device> device;
 
@@ -122,6 +142,11 @@ struct Operand {
     if (flat) return static_cast<T*>(data[0]) + start;
     return static_cast<T*>(data[segment]) + (start - offsets[segment]);
   }
+
+  // The elements from the element `start` (in segment `segment`) to the end of the buffer or tensor it is in.
+  int64_t room(int64_t segment, int64_t start) const {
+    return (flat ? num_elements : offsets[segment] + lengths[segment]) - start;
+  }
 };
 
 // Checks a list operand against `layout` and reads its tensors' addresses (never their memory):
@@ -132,6 +157,8 @@ inline Operand check_operand(const char* name, at::TensorList tensors, const Lay
   const char* sep = name[0] != '\0' ? ": " : "";
   Operand op;
   op.offsets = layout.offsets;
+  op.lengths = layout.lengths;
+  op.num_elements = layout.num_elements;
   const int64_t count = static_cast<int64_t>(tensors.size());
   if (count == 1 && tensors[0].numel() == layout.num_elements) {
     const at::Tensor& flat = tensors[0];
