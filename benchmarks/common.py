@@ -42,10 +42,22 @@ class Row:
     notes: str = field(default="")
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``'s, else the platform's, else the machine type)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    return f"{cpu_model()} x{torch.get_num_threads()} threads"
 
 
 def sync(device: torch.device) -> None:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 
+from benchmarks.common import device_name
 from benchmarks.layouts import bert_base_shapes, many_small_shapes, offsets_for
 from dynbatch_kernels import ChunkTable, FlatLayout, ops
 from dynbatch_kernels.optim import FusedLAMB
@@ -106,7 +107,7 @@ def update_buffer_case(shapes: list[tuple[int, ...]]) -> dict[str, float]:
 
 def main() -> None:
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {ROUNDS} rounds, medians in ms; "
+        f"{device_name(torch.device('cpu'))}, torch {torch.__version__}, {ROUNDS} rounds, medians in ms; "
         "ratios: median of the per-round ratios [quartiles]"
     )
     for name, offsets in (

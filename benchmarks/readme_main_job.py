@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import re
 import sys
 from pathlib import Path
 
 import torch
 
+from benchmarks.common import cpu_model
 from dynbatch_kernels.train import POLICIES, RunResult, TrainConfig, train
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -51,18 +51,6 @@ METRICS = ("val_loss", "val_acc")
 METRIC_ATOL = 1e-3
 COUNT_RTOL = 0.01
 _CPU = re.compile(r"CPU vector level `(\w+)` on `([^`]*)`")
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``'s, else the platform's; "unknown" where neither says)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and value.strip():
-                return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def cpu_key() -> str:
