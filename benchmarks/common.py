@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -199,5 +200,5 @@ def write(rows: list[Row], name: str, out_dir: Path, device: torch.device, extra
 
 def default_out_dir(device: torch.device) -> Path:
     """``benchmarks/results/<device>-<date>``: one folder per machine and day."""
-    slug = "".join(c if c.isalnum() else "-" for c in device_name(device).lower()).strip("-")
+    slug = re.sub("[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
     return RESULTS / f"{slug}-{dt.date.today().isoformat()}"

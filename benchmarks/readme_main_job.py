@@ -12,8 +12,8 @@ the CPU it was produced on: its vector level (``torch.backends.cpu.get_cpu_capab
 ``AVX2`` or ``DEFAULT``) and its model name. The C++ kernels pick their AVX-512, AVX2 or baseline code at
 load time, and torch's matrix products pick theirs by CPU model (an AMD and an Intel CPU at AVX512 round
 differently), and rounding differences can grow over a run (CABS's final loss: 0.101 on an AMD EPYC,
-0.113 on an Intel Xeon), so losses and accuracies are compared only on the same CPU; step and sample
-counts are compared everywhere.
+0.113 on an Intel Xeon), so losses and accuracies are compared only on the same CPU; the counts (steps,
+samples, mean batch, dropped) and the optimizer and LR rule everywhere.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ _CPU = re.compile(r"CPU vector level `(\w+)` on `([^`]*)`")
 def cpu_key() -> str:
     """The CPU a table was produced on: torch's vector level (the C++ kernels select the same level of
     code) and the model name, e.g. ``"AVX512 on Intel(R) Xeon(R) Processor"``."""
-    return f"{torch.backends.cpu.get_cpu_capability()} on {cpu_model()}"
+    model = cpu_model().replace("`", "'")  # a backtick would end the README's code span
+    return f"{torch.backends.cpu.get_cpu_capability()} on {model}"
 
 
 def run_main_job() -> list[RunResult]:

@@ -215,7 +215,11 @@ def test_main_job_block_round_trips_and_compares():
         assert readme_main_job.differences(more_steps, elsewhere, block) == [
             "fixed steps: run gives 12, README has 10"
         ]
-    assert " on " in readme_main_job.cpu_key()
+    here = readme_main_job.cpu_key()  # this machine's key survives the round trip
+    assert readme_main_job.parse(readme_main_job.render(_rows(), here))[0] == here
+    text = f"before\n{readme_main_job.BEGIN}\nold\n{readme_main_job.END}\nafter"
+    start, end = readme_main_job.find_block(text)
+    assert text[:start] == "before\n" and text[end:] == "\nafter"
 
 
 def test_readme_main_job_table_matches_the_main_job():

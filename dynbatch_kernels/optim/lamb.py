@@ -97,10 +97,10 @@ class FusedLAMB(FlatOptimizer):
     The trust ratio comes from float32 partial sums added per segment in float64. Pass 1 writes the update
     ``u`` into the flat gradient buffer (pass 2 reads it from there; for bfloat16 gradients ``u`` is held
     in bfloat16, a relative rounding of at most 2**-8 per update): a private copy, where the C++ kernels
-    keep the ``u`` of tensors small enough, and of the end of larger ones, in a cache-sized scratch
-    instead (see :func:`~dynbatch_kernels.ops.lamb_step_`), unless ``p.grad`` is the flat buffer's view
-    (a caller's ``bind=True`` layout, or gradients bound to it): then ``p.grad`` holds ``u`` after
-    ``step()``.
+    keep the ``u`` of tensors small enough, and of the end of each thread's part of larger ones, in a
+    cache-sized scratch instead (see :func:`~dynbatch_kernels.ops.lamb_step_`), unless ``p.grad`` is the
+    flat buffer's view (a caller's ``bind=True`` layout, or gradients bound to it): then ``p.grad`` holds
+    ``u`` after ``step()``.
     """
 
     reads_in_place = True
