@@ -44,15 +44,24 @@ class Row:
 
 
 def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``'s, else the platform's, else the machine type)."""
+    """The CPU's model name with its family and model numbers, from ``/proc/cpuinfo`` (a virtual machine's
+    name can be generic: "Intel(R) Xeon(R) Processor (family 6, model 167)"); else the platform's
+    processor or machine type."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key.strip() == "model name" and value.strip():
-                return value.strip()
+            if not key.strip() and fields:  # the end of the first processor's block
+                break
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = fields.get("model name")
+    if not name:
+        return platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        return f"{name} (family {fields['cpu family']}, model {fields['model']})"
+    return name
 
 
 def device_name(device: torch.device) -> str:

@@ -9,11 +9,11 @@ The main job is ``python -m dynbatch_kernels train`` with its defaults: every ba
 (FusedLAMB, no LR rule, seed 0, CPU) on one thread. It is deterministic: the same machine prints the same
 table on every run. The block between :data:`BEGIN` and :data:`END` in ``README.md`` holds the table and
 the CPU it was produced on: its vector level (``torch.backends.cpu.get_cpu_capability()``: ``AVX512``,
-``AVX2`` or ``DEFAULT``) and its model name. The C++ kernels pick their AVX-512, AVX2 or baseline code at
-load time, and torch's matrix products pick theirs by CPU model (an AMD and an Intel CPU at AVX512 round
-differently), and rounding differences can grow over a run (CABS's final loss: 0.101 on an AMD EPYC,
-0.113 on an Intel Xeon), so losses and accuracies are compared only on the same CPU; the counts (steps,
-samples, mean batch, dropped) and the optimizer and LR rule everywhere.
+``AVX2`` or ``DEFAULT``), model name, family and model number. The C++ kernels pick their AVX-512, AVX2
+or baseline code at load time, and torch's matrix products pick theirs by CPU model (an AMD and an Intel
+CPU at AVX512 round differently), and rounding differences can grow over a run (CABS's final loss: 0.101
+on an AMD EPYC, 0.113 on an Intel Xeon), so losses and accuracies are compared only on the same CPU; the
+counts (steps, samples, mean batch, dropped) and the optimizer and LR rule everywhere.
 """
 
 from __future__ import annotations
