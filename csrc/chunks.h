@@ -108,15 +108,18 @@ inline Chunks check_chunks(const at::Tensor& offsets, const at::Tensor& lengths,
 // A/B on a Xeon).
 constexpr int64_t kAheadBytes = 4096;
 
+// Prefetches the 64-byte lines of the bytes [from, to) of p (nothing where p is null).
+inline void prefetch_bytes(const void* p, int64_t from, int64_t to) {
+  if (p == nullptr) return;
+  for (int64_t at = from; at < to; at += 64) __builtin_prefetch(static_cast<const char*>(p) + at);
+}
+
 // Prefetches the lines of x[lo, hi) moved kAheadBytes ahead, those below x[n]: n is Operand::room, the end
 // of the memory x is in (past a separately allocated tensor's end they would be wasted reads).
 template <typename T>
 inline void prefetch_ahead(const T* x, int64_t lo, int64_t hi, int64_t n) {
-  const char* bytes = reinterpret_cast<const char*>(x);
   const int64_t size = static_cast<int64_t>(sizeof(T));
-  for (int64_t at = lo * size + kAheadBytes; at < std::min(hi * size + kAheadBytes, n * size); at += 64) {
-    __builtin_prefetch(bytes + at);
-  }
+  prefetch_bytes(x, lo * size + kAheadBytes, std::min(hi * size + kAheadBytes, n * size));
 }
 
 // A dtype as Python prints it ("torch.float32"), for messages.

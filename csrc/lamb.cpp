@@ -113,10 +113,8 @@ struct Prefetch {
 
   // Prefetches the lines of [from, to) (byte offsets into the next segment) below `bytes`.
   void lines(int64_t from, int64_t to) const {
-    for (int64_t at = from; at < std::min(to, bytes); at += 64) {
-      if (param) __builtin_prefetch(param + at);
-      if (grad) __builtin_prefetch(grad + at);
-    }
+    prefetch_bytes(param, from, std::min(to, bytes));
+    prefetch_bytes(grad, from, std::min(to, bytes));
   }
 };
 

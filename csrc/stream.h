@@ -23,28 +23,24 @@ namespace dynbatch {
 constexpr int64_t kStreamMinBytes = int64_t{8} << 20;
 
 #ifdef DYNBATCH_STREAMING_STORES
-// dst[0, bytes) = src[0, bytes) through streaming stores, dst 16-byte aligned and bytes a multiple of 16:
-// 16-byte stores up to the first 64-byte line, one 64-byte store per whole line, 16-byte stores after.
-__attribute__((target("avx512f"))) static void stream_lines(char* dst, const char* src, int64_t bytes) {
-  const int64_t head = std::min<int64_t>(bytes, (64 - reinterpret_cast<uintptr_t>(dst) % 64) % 64);
-  const int64_t body = head + (bytes - head) / 64 * 64;
-  int64_t i = 0;
-  for (; i < head; i += 16) {
-    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
-  }
-  for (; i < body; i += 64) {
-    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + i), _mm512_loadu_si512(src + i));
-  }
-  for (; i < bytes; i += 16) {
-    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
-  }
-}
-
-// The same with 16-byte stores throughout (SSE2, every x86-64 CPU).
+// dst[0, bytes) = src[0, bytes) through 16-byte streaming stores (SSE2, every x86-64 CPU), dst 16-byte
+// aligned and bytes a multiple of 16.
 static void stream_pieces(char* dst, const char* src, int64_t bytes) {
   for (int64_t i = 0; i < bytes; i += 16) {
     _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
   }
+}
+
+// The same with one 64-byte store per whole line (AVX-512), 16-byte stores before the first and after the
+// last.
+__attribute__((target("avx512f"))) static void stream_lines(char* dst, const char* src, int64_t bytes) {
+  const int64_t head = std::min<int64_t>(bytes, (64 - reinterpret_cast<uintptr_t>(dst) % 64) % 64);
+  const int64_t body = head + (bytes - head) / 64 * 64;
+  stream_pieces(dst, src, head);
+  for (int64_t i = head; i < body; i += 64) {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + i), _mm512_loadu_si512(src + i));
+  }
+  stream_pieces(dst + body, src + body, bytes - body);
 }
 #endif
 
