@@ -55,7 +55,8 @@ _CPU = re.compile(r"CPU vector level `(\w+)` on `([^`]*)`")
 
 def cpu_key() -> str:
     """The CPU a table was produced on: torch's vector level (the C++ kernels select the same level of
-    code) and the model name, e.g. ``"AVX512 on Intel(R) Xeon(R) Processor"``."""
+    code) and :func:`~benchmarks.common.cpu_model`, e.g.
+    ``"AVX512 on Intel(R) Xeon(R) Processor (family 6, model 167)"``."""
     model = cpu_model().replace("`", "'")  # a backtick would end the README's code span
     return f"{torch.backends.cpu.get_cpu_capability()} on {model}"
 
